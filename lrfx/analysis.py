@@ -1,0 +1,321 @@
+"""One-call analysis of a model: per-layer MACs, parameters and spectra.
+
+Example:
+    >>> import torch, torchvision, lrfx
+    >>> a = lrfx.analyze(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
+    >>> a.total_macs
+    1814073344
+    >>> a["layer1.0.conv1"].rank_at_energy("channel", 0.9) <= 64
+    True
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from torch import fx, nn
+
+from lrfx.cost import Geometry, max_rank
+from lrfx.facts import SCHEME_UNFOLDINGS, LayerFacts, LeafInfo, Spectrum, get_graph_facts
+from lrfx.facts import get_node_facts as _node_facts
+from lrfx.pipeline import GraphPass, PassContext, Pipeline
+from lrfx.tracing import as_input_tuple, check_module, trace
+
+__all__ = ["ENERGY_LEVELS", "Analysis", "LayerRecord", "analyze", "count_macs", "run_analysis"]
+
+#: Energy levels reported by tables and JSON.
+ENERGY_LEVELS = (0.90, 0.95, 0.99)
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """Everything known about one layer, over all its calls.
+
+    Attributes:
+        name: Fully qualified layer name (the key a :class:`~lrfx.RankPlan` uses).
+        kind: ``conv2d``, ``linear``, ``matmul``, ``attention``...
+        macs: MACs of all calls together.
+        params: Parameters of the layer (weight + bias), counted once.
+        share: Fraction of the model's total MACs.
+        calls: Geometry of each call (empty for matmul-like ops).
+        schemes: Decomposition schemes that apply (empty: not factorable, see ``note``).
+        note: Why the layer is not factorable.
+        inside_leaf: The leaf module the layer hides in, if any.
+        spectra: Singular values per unfolding.
+    """
+
+    name: str
+    kind: str
+    macs: int
+    params: int
+    share: float
+    calls: tuple[Geometry, ...] = ()
+    schemes: tuple[str, ...] = ()
+    note: str = ""
+    inside_leaf: str | None = None
+    spectra: Mapping[str, Spectrum] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def weight_shape(self) -> tuple[int, ...] | None:
+        return self.calls[0].weight_shape if self.calls else None
+
+    @property
+    def factorable(self) -> bool:
+        return bool(self.schemes)
+
+    def max_rank(self, scheme: str) -> int | tuple[int, ...]:
+        """Largest rank of ``scheme`` (a pair for tucker2)."""
+        r = max_rank(self.calls[0], scheme)
+        return r[0] if len(r) == 1 else r
+
+    def rank_at_energy(self, scheme: str, e: float) -> int | tuple[int, ...]:
+        """Smallest rank keeping energy fraction ``e`` of the scheme's spectrum (TRP criterion).
+
+        Raises:
+            KeyError: No spectrum for this scheme (not applicable, or spectra not computed).
+        """
+        units = SCHEME_UNFOLDINGS.get(scheme, ())
+        if not units or any(u not in self.spectra for u in units):
+            raise KeyError(f"layer {self.name!r} has no spectrum for scheme {scheme!r}")
+        ranks = tuple(self.spectra[u].rank_at_energy(e) for u in units)
+        return ranks[0] if len(ranks) == 1 else ranks
+
+    @property
+    def primary_scheme(self) -> str | None:
+        """The scheme tables report energy ranks for: svd for linear, channel for convs."""
+        for s in ("svd", "channel"):
+            if s in self.schemes:
+                return s
+        return None
+
+    def to_dict(self, spectra: bool = False) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "name": self.name,
+            "kind": self.kind,
+            "weight_shape": list(self.weight_shape) if self.weight_shape else None,
+            "macs": self.macs,
+            "params": self.params,
+            "share": self.share,
+            "calls": len(self.calls),
+            "schemes": list(self.schemes),
+        }
+        if self.note:
+            d["note"] = self.note
+        if self.inside_leaf:
+            d["inside_leaf"] = self.inside_leaf
+        if self.spectra:
+            d["rank_at_energy"] = {
+                s: {f"{e:g}": self.rank_at_energy(s, e) for e in ENERGY_LEVELS}
+                for s in self.schemes
+                if s in SCHEME_UNFOLDINGS
+            }
+            if spectra:
+                d["singular_values"] = {u: sp.values.tolist() for u, sp in self.spectra.items()}
+        return d
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """The result of :func:`analyze`: per-layer records and totals.
+
+    Attributes:
+        layers: One record per layer, in graph order.
+        total_macs: MACs of the whole model at the example input size.
+        total_params: Parameters of the whole model (BN and everything else included).
+        input_shapes: Shapes of the example inputs.
+        leaves: Submodules kept as leaves, with the reason.
+        model: Class name of the analyzed model.
+    """
+
+    layers: tuple[LayerRecord, ...]
+    total_macs: int
+    total_params: int
+    input_shapes: tuple[tuple[int, ...], ...] = ()
+    leaves: tuple[LeafInfo, ...] = ()
+    model: str = ""
+
+    def __getitem__(self, name: str) -> LayerRecord:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no layer named {name!r}; layers are: {', '.join(self.names[:20])}...")
+
+    def __contains__(self, name: object) -> bool:
+        return any(layer.name == name for layer in self.layers)
+
+    def __iter__(self) -> Iterator[LayerRecord]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    @property
+    def factorable(self) -> tuple[LayerRecord, ...]:
+        return tuple(layer for layer in self.layers if layer.factorable)
+
+    @classmethod
+    def from_graph(cls, gm: fx.GraphModule) -> Analysis:
+        """Collect the facts the analysis passes wrote on ``gm`` into one record per layer."""
+        merged: dict[str, list[LayerFacts]] = {}
+        for node in gm.graph.nodes:
+            facts = _node_facts(node)
+            if facts is not None:
+                for layer in facts.layers:
+                    merged.setdefault(layer.name, []).append(layer)
+        total = sum(layer.macs for calls in merged.values() for layer in calls)
+        records = []
+        for name, calls in merged.items():
+            first = calls[0]
+            macs = sum(c.macs for c in calls)
+            records.append(
+                LayerRecord(
+                    name=name,
+                    kind=first.kind,
+                    macs=macs,
+                    params=first.params,
+                    share=macs / total if total else 0.0,
+                    calls=tuple(c.geometry for c in calls if c.geometry is not None),
+                    schemes=first.schemes,
+                    note=first.note,
+                    inside_leaf=first.inside_leaf,
+                    spectra=first.spectra,
+                )
+            )
+        g = get_graph_facts(gm)
+        return cls(
+            layers=tuple(records),
+            total_macs=total,
+            total_params=g.total_params,
+            input_shapes=g.input_shapes,
+            leaves=g.leaves,
+            model=type(gm).__name__,
+        )
+
+    def to_dict(self, spectra: bool = False) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "input_shapes": [list(s) for s in self.input_shapes],
+            "total_macs": self.total_macs,
+            "total_params": self.total_params,
+            "leaves": [{"name": x.name, "type": x.type, "reason": x.reason} for x in self.leaves],
+            "layers": [layer.to_dict(spectra) for layer in self.layers],
+        }
+
+    def to_json(self, spectra: bool = False, indent: int | None = 2) -> str:
+        """JSON of the analysis; ``spectra=True`` includes every singular value."""
+        return json.dumps(self.to_dict(spectra), indent=indent)
+
+    def rows(self) -> list[dict[str, str]]:
+        """The table's rows as strings (used by :meth:`table` and the CLI)."""
+        out = []
+        for layer in self.layers:
+            scheme = layer.primary_scheme
+            ranks = ["", "", ""]
+            if scheme and layer.spectra:
+                ranks = [str(layer.rank_at_energy(scheme, e)) for e in ENERGY_LEVELS]
+            out.append(
+                {
+                    "layer": layer.name,
+                    "kind": layer.kind,
+                    "shape": "x".join(map(str, layer.weight_shape)) if layer.weight_shape else "",
+                    "MACs": f"{layer.macs:,}",
+                    "params": f"{layer.params:,}" if layer.params else "",
+                    "%": f"{100 * layer.share:.2f}",
+                    "max r": str(layer.max_rank(scheme)) if scheme else "",
+                    "r90": ranks[0],
+                    "r95": ranks[1],
+                    "r99": ranks[2],
+                }
+            )
+        return out
+
+    def table(self) -> str:
+        """A plain-text table: one line per layer, then the totals."""
+        rows = self.rows()
+        cols = ["layer", "kind", "shape", "MACs", "params", "%", "max r", "r90", "r95", "r99"]
+        width = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in cols}
+        left = {"layer", "kind", "shape"}
+
+        def fmt(r: Mapping[str, str]) -> str:
+            cells = (r[c].ljust(width[c]) if c in left else r[c].rjust(width[c]) for c in cols)
+            return "  ".join(cells).rstrip()
+
+        lines = [fmt({c: c for c in cols}), "  ".join("-" * width[c] for c in cols)]
+        lines += [fmt(r) for r in rows]
+        lines.append(
+            f"total: {self.total_macs:,} MACs ({self.total_macs / 1e9:.3f} G), "
+            f"{self.total_params:,} parameters, {len(self.factorable)} factorable layers"
+        )
+        for leaf in self.leaves:
+            lines.append(f"leaf module {leaf.name} ({leaf.type}): {leaf.reason}")
+        return "\n".join(lines)
+
+
+def _analysis_passes(spectra: bool) -> list[GraphPass[Any]]:
+    from lrfx.passes.analysis import annotate_costs, compute_spectra, propagate_shapes
+
+    passes: list[GraphPass[Any]] = [propagate_shapes, annotate_costs]
+    if spectra:
+        passes.append(compute_spectra)
+    return passes
+
+
+def run_analysis(
+    gm: fx.GraphModule, example_inputs: Any, *, spectra: bool = True, progress: bool = False
+) -> Analysis:
+    """Run the analysis passes on an already traced graph module; returns the :class:`Analysis`.
+
+    Example:
+        >>> import torch, torchvision, lrfx
+        >>> gm = lrfx.trace(torchvision.models.resnet18())
+        >>> lrfx.run_analysis(gm, torch.randn(1, 3, 224, 224), spectra=False).total_macs
+        1814073344
+    """
+    ctx = PassContext(example_inputs=as_input_tuple(example_inputs), progress=progress)
+    Pipeline(_analysis_passes(spectra)).run(gm, ctx)
+    return Analysis.from_graph(gm)
+
+
+def analyze(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    spectra: bool = True,
+    progress: bool = False,
+    leaf_modules: Sequence[type[nn.Module] | str] = (),
+) -> Analysis:
+    """Trace ``model`` and report per-layer MACs, parameters and singular-value spectra.
+
+    Args:
+        model: Any ``nn.Module``; it is not modified.
+        example_inputs: A tensor or a tuple of positional inputs.
+        spectra: Also compute the singular values of every factorable layer.
+        progress: Show a progress bar while computing spectra.
+        leaf_modules: Module types or qualified names to keep as leaves.
+
+    Returns:
+        An :class:`Analysis`; ``print(a.table())`` shows it, ``a.to_json()`` serializes it.
+    """
+    check_module(model)
+    inputs = as_input_tuple(example_inputs)
+    gm = trace(model, leaf_modules=leaf_modules)
+    return run_analysis(gm, inputs, spectra=spectra, progress=progress)
+
+
+def count_macs(model: nn.Module, example_inputs: Any) -> int:
+    """Total multiply-accumulates of ``model`` at the given input (conv, linear, matmul-like).
+
+    Example:
+        >>> import torch, torchvision, lrfx
+        >>> lrfx.count_macs(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
+        1814073344
+    """
+    return analyze(model, example_inputs, spectra=False).total_macs

@@ -1,0 +1,1 @@
+"""lrfx passes."""
