@@ -373,8 +373,9 @@ def _window_attention(node: fx.Node, fn: Callable[..., Any]) -> tuple[LayerFacts
         g = LinearGeometry(c, out, rows=rows, bias=a.get(bias_key) is not None)
         wnode = a.get(key)
         name = _weight_name(wnode) or f"{node.name}.{key}"
-        is_attr = isinstance(wnode, fx.Node) and wnode.op == "get_attr"
-        attr = str(wnode.target) if is_attr else None
+        attr = None
+        if isinstance(wnode, fx.Node) and wnode.op == "get_attr":
+            attr = str(wnode.target)
         layers.append(layer_facts_for_geometry(name, g, node=node.name, note=note, weight=attr))
     layers.insert(1, LayerFacts(f"{node.name}.attention", "attention", attn, node=node.name))
     assert layers[0].macs == qkv and layers[2].macs == proj
