@@ -17,7 +17,7 @@ import torch
 
 from lrfx.errors import LrfxError
 
-__all__ = ["UNFOLDINGS", "singular_values", "unfold"]
+__all__ = ["UNFOLDINGS", "singular_values", "svdvals", "unfold"]
 
 UNFOLDINGS = ("rows", "channel", "spatial", "mode1")
 
@@ -57,4 +57,18 @@ def singular_values(weight: torch.Tensor, unfolding: str, groups: int = 1) -> to
     Computed in float64 whatever the weight's dtype, so that energy fractions near 1 are exact.
     """
     mats = unfold(weight, unfolding, groups).to(device="cpu", dtype=torch.float64)
+    return svdvals(mats)
+
+
+def svdvals(mats: torch.Tensor) -> torch.Tensor:
+    """Singular values of a (batch of) matrices, fast for very wide or tall ones.
+
+    LAPACK's divide-and-conquer SVD is slow on strongly rectangular matrices (a 512 x 4608
+    conv unfolding takes seconds); a QR first reduces them to a small square triangle with the
+    same singular values, at the same accuracy, several times faster.
+    """
+    m, n = mats.shape[-2:]
+    if max(m, n) >= 2 * min(m, n):
+        tall = mats if m >= n else mats.transpose(-2, -1)
+        mats = torch.linalg.qr(tall, mode="r")[1]
     return torch.linalg.svdvals(mats)

@@ -179,8 +179,12 @@ def propagate_shapes(gm: fx.GraphModule, ctx: PassContext) -> None:
     facts = get_graph_facts(gm)
     leaves = {leaf.name for leaf in facts.leaves}
     prop = _Propagator(gm, leaves)
-    with eval_mode(gm), torch.no_grad():
-        prop.propagate(*ctx.example_inputs)
+    try:
+        with eval_mode(gm), torch.no_grad():
+            prop.propagate(*ctx.example_inputs)
+    except ShapeError as exc:
+        # torch's Interpreter appends its own trace text to the message; keep ours clean
+        raise ShapeError(exc.node, exc.target, exc.reason) from exc.__cause__
     extra = dict(facts.extra)
     extra["inner_calls"] = MappingProxyType({k: tuple(v) for k, v in prop.inner_calls.items()})
     extra["leaf_macs"] = MappingProxyType(dict(prop.leaf_macs))

@@ -1,0 +1,130 @@
+"""Resolve the model specs the CLI accepts, and parse input-shape specs.
+
+A model spec is one of:
+
+* ``torchvision:NAME`` — a torchvision classification model with random weights (never
+  downloaded), e.g. ``torchvision:resnet18``;
+* ``package.module:factory`` — a callable (called with no arguments) or an ``nn.Module`` object;
+* a path to a file holding a whole ``nn.Module`` saved with ``torch.save(model, path)``.
+
+Example:
+    >>> model, shape = load_model("torchvision:resnet18")
+    >>> shape
+    (1, 3, 224, 224)
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from lrfx.errors import LrfxError
+
+__all__ = ["SPEC_HELP", "load_model", "parse_input_spec", "torchvision_input_size"]
+
+SPEC_HELP = (
+    "name a model as torchvision:NAME (e.g. torchvision:resnet18; list them with "
+    "`python -c \"import torchvision; print(torchvision.models.list_models())\"`), as "
+    "package.module:factory (a function returning an nn.Module, or a module object), or as the "
+    "path of a file written by torch.save(model, path)"
+)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "long": torch.int64,
+    "int32": torch.int32,
+}
+
+
+def torchvision_input_size(name: str) -> int:
+    """The crop size documented by the model's default weights (224 if none is documented)."""
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(name).DEFAULT  # type: ignore[attr-defined]
+        crop = weights.transforms.keywords.get("crop_size", 224)
+    except (ValueError, AttributeError, KeyError):
+        return 224
+    return int(crop[0] if isinstance(crop, (tuple, list)) else crop)
+
+
+def load_model(spec: str) -> tuple[nn.Module, tuple[int, ...] | None]:
+    """Build the model a spec names; returns it with its default input shape (if known).
+
+    Raises:
+        LrfxError: The spec names nothing lrfx can load; the message says how to name one.
+    """
+    if spec.startswith("torchvision:"):
+        import torchvision
+
+        name = spec.split(":", 1)[1]
+        known = torchvision.models.list_models(module=torchvision.models)
+        if name not in known:
+            near = [k for k in known if name.lower() in k][:8]
+            hint = f" (did you mean {', '.join(near)}?)" if near else ""
+            raise LrfxError(f"unknown torchvision classification model {name!r}{hint}; {SPEC_HELP}")
+        size = torchvision_input_size(name)
+        model = torchvision.models.get_model(name, weights=None)
+        return model, (1, 3, size, size)
+    if os.path.exists(spec):
+        try:
+            obj = torch.load(spec, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise LrfxError(f"cannot load {spec!r} with torch.load: {exc}; {SPEC_HELP}") from exc
+        if not isinstance(obj, nn.Module):
+            raise LrfxError(
+                f"{spec!r} holds a {type(obj).__name__}, not an nn.Module (a state_dict needs the "
+                f"model's code: use package.module:factory); {SPEC_HELP}"
+            )
+        return obj, None
+    if ":" in spec:
+        mod_name, _, attr = spec.partition(":")
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError as exc:
+            raise LrfxError(f"cannot import {mod_name!r} ({exc}); {SPEC_HELP}") from exc
+        obj: Any = getattr(mod, attr, None)
+        if obj is None:
+            raise LrfxError(f"module {mod_name!r} has no attribute {attr!r}; {SPEC_HELP}")
+        if not isinstance(obj, nn.Module) and callable(obj):
+            obj = obj()
+        if not isinstance(obj, nn.Module):
+            raise LrfxError(f"{spec!r} gave a {type(obj).__name__}, not an nn.Module; {SPEC_HELP}")
+        return obj, None
+    raise LrfxError(f"cannot find a model named {spec!r}; {SPEC_HELP}")
+
+
+def parse_input_spec(spec: str) -> torch.Tensor:
+    """Make an example input from ``"1x3x224x224"`` or ``"1x128:int64"`` (random values).
+
+    Example:
+        >>> parse_input_spec("2x3x8x8").shape
+        torch.Size([2, 3, 8, 8])
+    """
+    shape_text, _, dtype_text = spec.partition(":")
+    try:
+        shape = tuple(int(d) for d in shape_text.lower().split("x"))
+    except ValueError:
+        raise LrfxError(
+            f"cannot read input shape {spec!r}: write it as dims joined by 'x', e.g. 1x3x224x224, "
+            "optionally followed by :dtype (e.g. 1x128:int64)"
+        ) from None
+    if any(d <= 0 for d in shape):
+        raise LrfxError(f"input shape {spec!r} has a dimension <= 0")
+    dtype = _DTYPES.get(dtype_text or "float32")
+    if dtype is None:
+        names = ", ".join(_DTYPES)
+        raise LrfxError(f"unknown dtype {dtype_text!r} in {spec!r}; use one of {names}")
+    gen = torch.Generator().manual_seed(0)
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=gen).to(dtype)
+    return torch.randint(0, 100, shape, generator=gen, dtype=dtype)
