@@ -50,7 +50,7 @@ def torchvision_input_size(name: str) -> int:
     import torchvision
 
     try:
-        weights = torchvision.models.get_model_weights(name).DEFAULT  # type: ignore[attr-defined]
+        weights = torchvision.models.get_model_weights(name).DEFAULT
         crop = weights.transforms.keywords.get("crop_size", 224)
     except (ValueError, AttributeError, KeyError):
         return 224
@@ -92,14 +92,16 @@ def load_model(spec: str) -> tuple[nn.Module, tuple[int, ...] | None]:
             mod = importlib.import_module(mod_name)
         except ImportError as exc:
             raise LrfxError(f"cannot import {mod_name!r} ({exc}); {SPEC_HELP}") from exc
-        obj: Any = getattr(mod, attr, None)
-        if obj is None:
+        found: Any = getattr(mod, attr, None)
+        if found is None:
             raise LrfxError(f"module {mod_name!r} has no attribute {attr!r}; {SPEC_HELP}")
-        if not isinstance(obj, nn.Module) and callable(obj):
-            obj = obj()
-        if not isinstance(obj, nn.Module):
-            raise LrfxError(f"{spec!r} gave a {type(obj).__name__}, not an nn.Module; {SPEC_HELP}")
-        return obj, None
+        if not isinstance(found, nn.Module) and callable(found):
+            found = found()
+        if not isinstance(found, nn.Module):
+            raise LrfxError(
+                f"{spec!r} gave a {type(found).__name__}, not an nn.Module; {SPEC_HELP}"
+            )
+        return found, None
     raise LrfxError(f"cannot find a model named {spec!r}; {SPEC_HELP}")
 
 
