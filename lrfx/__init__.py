@@ -22,8 +22,10 @@ from lrfx.errors import (
     UnsupportedLayerError,
 )
 from lrfx.facts import GraphFacts, LayerFacts, NodeFacts, Spectrum
+from lrfx.io import export, load, save
 from lrfx.pipeline import GraphPass, PassContext, Pipeline, graph_pass
 from lrfx.plan import LayerPlan, RankPlan
+from lrfx.rewriting import apply
 from lrfx.tracing import trace
 
 __version__ = "0.1.0"
@@ -53,10 +55,14 @@ __all__ = [
     "UnsupportedLayerError",
     "__version__",
     "analyze",
+    "apply",
     "count_macs",
     "dense_cost",
+    "export",
     "factored_cost",
     "graph_pass",
+    "load",
     "run_analysis",
+    "save",
     "trace",
 ]

@@ -59,6 +59,66 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inputs_for(model_spec: str, shapes: Sequence[str] | None, default: Any) -> tuple[Any, ...]:
+    from lrfx.models import parse_input_spec
+
+    if shapes:
+        return tuple(parse_input_spec(s) for s in shapes)
+    if default is not None:
+        return (parse_input_spec("x".join(map(str, default))),)
+    raise LrfxError(f"model {model_spec!r} has no default input shape; pass --input, "
+                    "e.g. --input 1x3x224x224")
+
+
+def _apply(args: argparse.Namespace) -> int:
+    from lrfx.io import save
+    from lrfx.models import load_model
+    from lrfx.rewriting import apply, as_plan
+
+    model, default_shape = load_model(args.model)
+    inputs = _inputs_for(args.model, args.input, default_shape)
+    plan = as_plan(args.plan)
+    gm = apply(model, plan, inputs)
+    out = save(gm, args.output, model_spec=args.model)
+    extra = gm.meta["lrfx"].extra
+    _print_report(extra["report"], extra["macs_before"], extra["macs_after"])
+    print(f"wrote {out}/ (plan.json, weights.safetensors, manifest.json, model_code.py)")
+    return 0
+
+
+def _print_report(report: Sequence[dict[str, Any]], before: int, after: int) -> None:
+    cols = ["layer", "scheme", "rank", "macs_before", "macs_after"]
+    rows = [[str(r[c]) if c in ("layer", "scheme", "rank") else f"{r[c]:,}" for c in cols]
+            for r in report]
+    width = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, width, strict=True)))
+    for r in rows:
+        print("  ".join(v.ljust(w) if i < 3 else v.rjust(w)
+                        for i, (v, w) in enumerate(zip(r, width, strict=True))))
+    ratio = after / before if before else 1.0
+    print(f"MACs: {before:,} -> {after:,} ({ratio:.3f}x)")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from lrfx.io import export, load, read_manifest
+    from lrfx.models import load_model
+
+    manifest = read_manifest(args.directory)
+    spec = args.model or manifest.get("model")
+    if not spec:
+        raise LrfxError(f"{args.directory!r} does not record which model it was made from; "
+                        "pass --model SPEC (the MODEL given to lrfx apply)")
+    model, _ = load_model(spec)
+    shapes = args.input or ["x".join(map(str, s)) for s in manifest["input_shapes"]]
+    inputs = _inputs_for(spec, shapes, None)
+    gm = load(args.directory, model, inputs)
+    suffix = {"pt2": "pt2", "onnx": "onnx", "torchscript": "ts", "python": "py"}[args.format]
+    target = Path(args.output) if args.output else Path(args.directory) / f"model.{suffix}"
+    export(gm, target, inputs, format=args.format)
+    print(f"wrote {target}")
+    return 0
+
+
 def _print_table(result: Any) -> None:
     if not sys.stdout.isatty():
         print(result.table())  # plain text: nothing truncated when piped or logged
@@ -113,6 +173,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-spectra", action="store_true", help="skip the singular values")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_analyze)
+
+    p = sub.add_parser(
+        "apply",
+        help="rewrite a model according to a rank plan (JSON) and save the result",
+        description="Replace the layers a plan names by their factored subgraphs; write the "
+        "resolved plan, the weights (safetensors), a manifest and the graph's Python code.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  lrfx apply torchvision:resnet18 plan.json -o out/\n"
+        "  lrfx apply mypkg.models:build plan.json -o out/ --input 1x3x32x32\n",
+    )
+    p.add_argument("model", metavar="MODEL", help="as for lrfx analyze")
+    p.add_argument("plan", metavar="PLAN.json", help="a plan written by RankPlan.to_json()")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--input", action="append", metavar="SHAPE", help="as for lrfx analyze")
+    p.set_defaults(run=_apply)
+
+    p = sub.add_parser(
+        "export",
+        help="export a directory written by lrfx apply to pt2, onnx, torchscript or python",
+        description="Rebuild the rewritten model from DIR (original architecture + plan + "
+        "weights) and export it.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  lrfx export out/ --format onnx\n"
+        "  lrfx export out/ --format pt2 -o resnet18_lowrank.pt2\n",
+    )
+    p.add_argument("directory", metavar="DIR", help="a directory written by lrfx apply")
+    p.add_argument("--format", choices=["pt2", "onnx", "torchscript", "python"], default="pt2")
+    p.add_argument("-o", "--output", metavar="FILE", help="output file (default: DIR/model.*)")
+    p.add_argument("--model", metavar="SPEC", help="the original model, if DIR does not say")
+    p.add_argument("--input", action="append", metavar="SHAPE", help="override input shapes")
+    p.set_defaults(run=_export)
     return parser
 
 

@@ -17,7 +17,20 @@ import torch
 
 from lrfx.errors import LrfxError
 
-__all__ = ["UNFOLDINGS", "singular_values", "svdvals", "unfold"]
+__all__ = [
+    "UNFOLDINGS",
+    "channel_factors",
+    "check_finite",
+    "cp_factors",
+    "linear_factors",
+    "singular_values",
+    "spatial_factors",
+    "svdvals",
+    "truncated_svd",
+    "truncation_error",
+    "tucker2_factors",
+    "unfold",
+]
 
 UNFOLDINGS = ("rows", "channel", "spatial", "mode1")
 
@@ -72,3 +85,142 @@ def svdvals(mats: torch.Tensor) -> torch.Tensor:
         tall = mats if m >= n else mats.transpose(-2, -1)
         mats = torch.linalg.qr(tall, mode="r")[1]
     return torch.linalg.svdvals(mats)
+
+
+# --- factorizations -------------------------------------------------------------------------------
+#
+# Every function below takes a weight in any dtype/device, computes in float64 on the CPU and
+# returns float64 CPU tensors; callers cast back to the original weight's dtype and device.
+
+
+def _f64(w: torch.Tensor) -> torch.Tensor:
+    return w.detach().to(device="cpu", dtype=torch.float64)
+
+
+def check_finite(weight: torch.Tensor, layer: str) -> None:
+    """Refuse to factor a weight holding NaN or Inf (the SVD would silently produce garbage)."""
+    if not bool(torch.isfinite(weight).all()):
+        bad = int((~torch.isfinite(weight)).sum())
+        raise LrfxError(
+            f"layer {layer!r}: weight holds {bad} NaN/Inf value(s); fix or retrain the layer "
+            "before factoring it, or leave it dense in the plan"
+        )
+
+
+def truncated_svd(
+    mats: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` SVD ``U S Vh`` of a batch ``(g, m, n)`` of float64 matrices.
+
+    Strongly rectangular matrices go through a QR first (same factors, much faster on CPU).
+    """
+    m, n = mats.shape[-2:]
+    if m >= 2 * n:
+        q, r = torch.linalg.qr(mats)
+        u, s, vh = torch.linalg.svd(r, full_matrices=False)
+        u = q @ u
+    elif n >= 2 * m:
+        q, r = torch.linalg.qr(mats.transpose(-2, -1))
+        u, s, vh = torch.linalg.svd(r.transpose(-2, -1), full_matrices=False)
+        vh = vh @ q.transpose(-2, -1)
+    else:
+        u, s, vh = torch.linalg.svd(mats, full_matrices=False)
+    return u[..., :rank], s[..., :rank], vh[..., :rank, :]
+
+
+def _balanced(
+    mats: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(left, right)`` with ``mats ~= left @ right``, the singular values split evenly."""
+    u, s, vh = truncated_svd(mats, rank)
+    root = s.sqrt()
+    return u * root.unsqueeze(-2), root.unsqueeze(-1) * vh
+
+
+def linear_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SVD of a linear weight ``(m, n)``: returns ``(first (r, n), second (m, r))``."""
+    left, right = _balanced(_f64(weight).unsqueeze(0), rank)
+    return right[0], left[0]
+
+
+def channel_factors(
+    weight: torch.Tensor, rank: int, groups: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scheme 1 per group: ``(first (g*r, C/g, *k), second (N, r, 1...))``.
+
+    ``first`` is a grouped conv with the original geometry, ``second`` a grouped 1x1 conv.
+    """
+    w = _f64(weight)
+    n, cg, *k = w.shape
+    left, right = _balanced(unfold(w, "channel", groups), rank)  # (g, N/g, r), (g, r, C/g*k)
+    first = right.reshape(groups * rank, cg, *k)
+    second = left.reshape(n, rank, *([1] * len(k)))
+    return first, second
+
+
+def spatial_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scheme 2: ``(vertical (r, C, kh, 1), horizontal (N, r, 1, kw))``."""
+    w = _f64(weight)
+    n, c, kh, kw = w.shape
+    left, right = _balanced(unfold(w, "spatial"), rank)  # (1, C*kh, r), (1, r, N*kw)
+    vertical = left[0].reshape(c, kh, rank).permute(2, 0, 1).unsqueeze(-1)
+    horizontal = right[0].reshape(rank, n, kw).permute(1, 0, 2).unsqueeze(2)
+    return vertical.contiguous(), horizontal.contiguous()
+
+
+def tucker2_factors(
+    weight: torch.Tensor, ranks: tuple[int, int], n_iter_max: int = 100
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tucker-2 on modes 0 and 1 (tensorly ``partial_tucker``, HOSVD init then HOOI).
+
+    Returns ``(first (r_in, C, 1, 1), core (r_out, r_in, kh, kw), last (N, r_out, 1, 1))``.
+    """
+    import tensorly as tl
+    from tensorly.decomposition import partial_tucker
+
+    r_in, r_out = ranks
+    w = _f64(weight)
+    with tl.backend_context("pytorch"):
+        out = partial_tucker(w, rank=[r_out, r_in], modes=[0, 1], init="svd",
+                             n_iter_max=n_iter_max, tol=1e-10)
+    # tensorly >= 0.9 returns ((core, factors), errors); older releases return (core, factors)
+    core, factors = out[0] if isinstance(out[0], (tuple, list)) else out
+    u_out, u_in = (torch.as_tensor(f, dtype=torch.float64) for f in factors)
+    core = torch.as_tensor(core, dtype=torch.float64)
+    first = u_in.T.reshape(r_in, w.shape[1], 1, 1)
+    last = u_out.reshape(w.shape[0], r_out, 1, 1)
+    return first.contiguous(), core.contiguous(), last.contiguous()
+
+
+def cp_factors(
+    weight: torch.Tensor, rank: int, n_iter_max: int = 500, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CP decomposition of a conv kernel (Lebedev et al. 2015) via tensorly ``parafac``.
+
+    Returns ``(first (R, C, 1, 1), vertical (R, 1, kh, 1), horizontal (R, 1, 1, kw),
+    last (N, R, 1, 1))`` for 1x1 -> depthwise kx1 -> depthwise 1xk -> 1x1.
+    """
+    import tensorly as tl
+    from tensorly.decomposition import parafac
+
+    w = _f64(weight)
+    n, c, kh, kw = w.shape
+    with tl.backend_context("pytorch"):
+        cp = parafac(w, rank=rank, init="random", n_iter_max=n_iter_max, tol=1e-12,
+                     random_state=seed, normalize_factors=False)
+    weights, (a_n, a_c, a_h, a_w) = cp
+    a_n = torch.as_tensor(a_n, dtype=torch.float64) * torch.as_tensor(weights, dtype=torch.float64)
+    first = torch.as_tensor(a_c, dtype=torch.float64).T.reshape(rank, c, 1, 1)
+    vertical = torch.as_tensor(a_h, dtype=torch.float64).T.reshape(rank, 1, kh, 1)
+    horizontal = torch.as_tensor(a_w, dtype=torch.float64).T.reshape(rank, 1, 1, kw)
+    return first.contiguous(), vertical.contiguous(), horizontal.contiguous(), a_n.reshape(
+        n, rank, 1, 1
+    ).contiguous()
+
+
+def truncation_error(
+    weight: torch.Tensor, unfolding: str, rank: int, groups: int = 1
+) -> float:
+    """Eckart-Young error ``sqrt(sum_{i>r} s_i^2)`` of the best rank-``r`` approximation."""
+    s = singular_values(weight, unfolding, groups)
+    return float(s[:, rank:].square().sum().sqrt())

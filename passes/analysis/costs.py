@@ -171,6 +171,9 @@ def mha_layers(
         length, batch, s = q[0], q[1], k[0]
     e = m.embed_dim
     has_bias = m.in_proj_bias is not None
+    note = ""
+    if m.bias_k is not None or m.add_zero_attn:
+        note = "add_bias_kv / add_zero_attn attention: projections left dense"
     projs = (("q_proj", e, length), ("k_proj", m.kdim, s), ("v_proj", m.vdim, s))
     layers = []
     for i, (part, dim, rows) in enumerate(projs):
@@ -186,6 +189,7 @@ def mha_layers(
                 inside_leaf=inside_leaf,
                 weight=weight,
                 weight_rows=weight_rows,
+                note=note,
             )
         )
     attn = 2 * batch * length * s * e
@@ -200,6 +204,7 @@ def mha_layers(
             LinearGeometry(e, e, rows=batch * length, bias=out_bias),
             node=node,
             inside_leaf=inside_leaf,
+            note=note,
         )
     )
     return tuple(layers)

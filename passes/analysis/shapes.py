@@ -25,12 +25,17 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
 
 from lrfx.errors import ShapeError
 from lrfx.facts import get_graph_facts, set_graph_facts
+from lrfx.modules import LowRankMultiheadAttention
 from lrfx.pipeline import PassContext, graph_pass
 
 __all__ = ["InnerCall", "propagate_shapes"]
 
 #: Module types whose calls inside a leaf are recorded by hooks.
 HOOKED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
+
+
+#: Module types always instrumented like leaves, wherever they appear as a node.
+INSTRUMENTED = (LowRankMultiheadAttention,)
 
 
 @dataclass(frozen=True)
@@ -178,6 +183,11 @@ def propagate_shapes(gm: fx.GraphModule, ctx: PassContext) -> None:
     """
     facts = get_graph_facts(gm)
     leaves = {leaf.name for leaf in facts.leaves}
+    # modules lrfx substituted (low-rank attention) are measured like leaves: hooks + counter
+    leaves |= {
+        str(n.target) for n in gm.graph.nodes
+        if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), INSTRUMENTED)
+    }
     prop = _Propagator(gm, leaves)
     try:
         with eval_mode(gm), torch.no_grad():

@@ -1,1 +1,5 @@
-"""lrfx passes."""
+"""Rewrite passes: consume a plan and change the graph; they never decide ranks."""
+
+from lrfx.passes.rewrite.factorize import RewriteRecord, factorize
+
+__all__ = ["RewriteRecord", "factorize"]

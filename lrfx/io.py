@@ -1,0 +1,187 @@
+"""Save, load and export rewritten graphs.
+
+:func:`save` writes a directory with no pickled classes: ``plan.json`` (the resolved plan),
+``weights.safetensors`` (every parameter and buffer), ``manifest.json`` (input shapes, the model
+spec when known, the lrfx version) and ``model_code.py`` (the readable Python of the rewritten
+graph). :func:`load` rebuilds the graph from the original architecture plus the plan and loads
+the weights. :func:`export` writes ``pt2`` (torch.export), ``onnx``, ``torchscript`` or
+``python``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from lrfx.errors import LrfxError
+from lrfx.facts import get_graph_facts
+from lrfx.plan import RankPlan
+from lrfx.tracing import as_input_tuple, check_module
+
+__all__ = ["EXPORT_FORMATS", "export", "load", "read_manifest", "save"]
+
+EXPORT_FORMATS = ("pt2", "onnx", "torchscript", "python")
+
+PLAN_FILE = "plan.json"
+WEIGHTS_FILE = "weights.safetensors"
+MANIFEST_FILE = "manifest.json"
+CODE_FILE = "model_code.py"
+
+
+def _plan_of(gm: fx.GraphModule) -> RankPlan:
+    plan = get_graph_facts(gm).extra.get("plan")
+    if not isinstance(plan, RankPlan):
+        raise LrfxError("this graph module was not produced by lrfx.apply / lrfx.compress (it "
+                        "carries no plan in gm.meta['lrfx']); rewrite the model with lrfx first")
+    return plan
+
+
+def save(gm: fx.GraphModule, path: str | Path, *, model_spec: str | None = None) -> Path:
+    """Write plan, weights, manifest and code of a rewritten graph module to directory ``path``.
+
+    Args:
+        gm: A graph module returned by :func:`lrfx.apply` (trained further or not).
+        path: Output directory (created if needed).
+        model_spec: How to rebuild the original model (e.g. ``torchvision:resnet18``), recorded
+            so that ``lrfx export`` can rebuild it from the directory alone.
+
+    Example:
+        >>> import torch, torchvision, lrfx, tempfile
+        >>> m, x = torchvision.models.resnet18(), torch.randn(1, 3, 224, 224)
+        >>> gm = lrfx.apply(m, {"fc": lrfx.LayerPlan("svd", 32)}, x)
+        >>> out = lrfx.save(gm, tempfile.mkdtemp())
+        >>> sorted(p.name for p in out.iterdir())
+        ['manifest.json', 'model_code.py', 'plan.json', 'weights.safetensors']
+    """
+    from safetensors.torch import save_model
+
+    import lrfx
+
+    plan = _plan_of(gm)
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PLAN_FILE).write_text(plan.to_json() + "\n")
+    save_model(gm, str(out / WEIGHTS_FILE))
+    facts = get_graph_facts(gm)
+    shapes = facts.extra.get("input_shapes", facts.input_shapes)
+    manifest = {
+        "format": "lrfx.saved",
+        "lrfx_version": lrfx.__version__,
+        "model": model_spec,
+        "model_class": type(gm).__name__,
+        "input_shapes": [list(s) for s in shapes],
+        "macs_before": facts.extra.get("macs_before"),
+        "macs_after": facts.extra.get("macs_after"),
+    }
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / CODE_FILE).write_text(gm.code)
+    return out
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of a directory written by :func:`save`."""
+    f = Path(path) / MANIFEST_FILE
+    if not f.is_file():
+        raise LrfxError(f"{str(path)!r} is not an lrfx output directory (no {MANIFEST_FILE}); "
+                        "write one with lrfx.save or `lrfx apply ... -o DIR`")
+    data: dict[str, Any] = json.loads(f.read_text())
+    return data
+
+
+def load(
+    path: str | Path,
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    leaf_modules: Sequence[type[nn.Module] | str] = (),
+) -> fx.GraphModule:
+    """Rebuild a saved rewrite: apply the saved plan to ``model``, then load the saved weights.
+
+    Args:
+        path: A directory written by :func:`save`.
+        model: The original (dense) architecture; its weights are replaced by the saved ones.
+        example_inputs: Inputs of the shapes the model was rewritten at.
+
+    Returns:
+        A graph module whose outputs equal those of the one that was saved.
+    """
+    from safetensors.torch import load_model
+
+    from lrfx.rewriting import apply
+
+    check_module(model)
+    d = Path(path)
+    read_manifest(d)
+    plan = RankPlan.from_json((d / PLAN_FILE).read_text())
+    gm = apply(model, plan, example_inputs, leaf_modules=leaf_modules)
+    missing, unexpected = load_model(gm, str(d / WEIGHTS_FILE), strict=False)
+    if missing or unexpected:
+        raise LrfxError(
+            f"the weights in {str(d)!r} do not fit the rebuilt model (missing: {missing[:5]}, "
+            f"unexpected: {unexpected[:5]}); pass the same architecture the plan was made for"
+        )
+    return gm
+
+
+def export(
+    gm: fx.GraphModule, path: str | Path, example_inputs: Any, *, format: str = "pt2"
+) -> Path:
+    """Export a (rewritten) graph module.
+
+    Args:
+        gm: The graph module.
+        path: Output file.
+        example_inputs: A tensor or tuple of positional inputs.
+        format: ``pt2`` (``torch.export``; reload with ``torch.export.load``), ``onnx``,
+            ``torchscript`` (reload with ``torch.jit.load``) or ``python`` (the graph's code).
+
+    Example:
+        >>> import torch, torchvision, lrfx, tempfile, os
+        >>> m, x = torchvision.models.resnet18(), torch.randn(1, 3, 224, 224)
+        >>> gm = lrfx.apply(m, {"fc": lrfx.LayerPlan("svd", 32)}, x)
+        >>> f = lrfx.export(gm, os.path.join(tempfile.mkdtemp(), "m.pt2"), x, format="pt2")
+        >>> torch.export.load(f).module()(x).shape
+        torch.Size([1, 1000])
+    """
+    if format not in EXPORT_FORMATS:
+        raise LrfxError(f"unknown export format {format!r}; choose one of "
+                        f"{', '.join(EXPORT_FORMATS)}")
+    inputs = as_input_tuple(example_inputs)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    was_training = gm.training
+    gm.eval()
+    try:
+        if format == "python":
+            out.write_text(gm.code)
+        elif format == "pt2":
+            ep = torch.export.export(gm, inputs)
+            torch.export.save(ep, str(out))
+        elif format == "torchscript":
+            # TorchScript is deprecated upstream but still what many runtimes load; offer it
+            # without the warnings (the deprecation is documented in the README)
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                scripted = torch.jit.trace(gm, inputs)
+                torch.jit.save(scripted, str(out))
+        else:
+            _export_onnx(gm, inputs, out)
+    finally:
+        gm.train(was_training)
+    return out
+
+
+def _export_onnx(gm: fx.GraphModule, inputs: tuple[Any, ...], out: Path) -> None:
+    try:
+        import onnx  # noqa: F401
+    except ImportError as exc:
+        raise LrfxError("ONNX export needs the onnx package: pip install 'lrfx[export]'") from exc
+    names = [f"input_{i}" for i in range(len(inputs))]
+    torch.onnx.export(gm, inputs, str(out), input_names=names, output_names=["output"],
+                      dynamo=True, external_data=False, verbose=False)
