@@ -10,6 +10,7 @@ Example:
 """
 
 from lrfx.analysis import Analysis, LayerRecord, analyze, count_macs, run_analysis
+from lrfx.compress import CompressionReport, allocate, compress, recalibrate_bn
 from lrfx.cost import ConvGeometry, Cost, LinearGeometry, dense_cost, factored_cost
 from lrfx.errors import (
     BudgetInfeasibleError,
@@ -34,6 +35,7 @@ __all__ = [
     "Analysis",
     "BudgetInfeasibleError",
     "ConvGeometry",
+    "CompressionReport",
     "Cost",
     "GraphFacts",
     "GraphPass",
@@ -54,14 +56,17 @@ __all__ = [
     "TraceError",
     "UnsupportedLayerError",
     "__version__",
+    "allocate",
     "analyze",
     "apply",
+    "compress",
     "count_macs",
     "dense_cost",
     "export",
     "factored_cost",
     "graph_pass",
     "load",
+    "recalibrate_bn",
     "run_analysis",
     "save",
     "trace",

@@ -14,13 +14,19 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 from torch import fx, nn
 
 from lrfx.cost import Geometry, max_rank
-from lrfx.facts import SCHEME_UNFOLDINGS, LayerFacts, LeafInfo, Spectrum, get_graph_facts
+from lrfx.facts import (
+    SCHEME_UNFOLDINGS,
+    FrozenMap,
+    LayerFacts,
+    LeafInfo,
+    Spectrum,
+    get_graph_facts,
+)
 from lrfx.facts import get_node_facts as _node_facts
 from lrfx.pipeline import GraphPass, PassContext, Pipeline
 from lrfx.tracing import as_input_tuple, check_module, trace
@@ -57,7 +63,7 @@ class LayerRecord:
     schemes: tuple[str, ...] = ()
     note: str = ""
     inside_leaf: str | None = None
-    spectra: Mapping[str, Spectrum] = field(default_factory=lambda: MappingProxyType({}))
+    spectra: Mapping[str, Spectrum] = field(default_factory=lambda: FrozenMap({}))
 
     @property
     def weight_shape(self) -> tuple[int, ...] | None:

@@ -13,7 +13,7 @@ Example:
     >>> dense_cost(g).macs
     115605504
     >>> factored_cost(g, "channel", 16).macs
-    9633792
+    32112640
 """
 
 from __future__ import annotations
@@ -279,8 +279,11 @@ def matmul_macs(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def bmm_macs(a: Sequence[int], b: Sequence[int]) -> int:
-    """MACs of ``torch.bmm`` / ``baddbmm`` / ``mm`` / ``addmm`` for operand shapes ``a``, ``b``."""
-    return _prod(a[:-1]) * b[-1]
+    """MACs of ``torch.bmm`` / ``baddbmm`` / ``mm`` / ``addmm`` for operand shapes ``a``, ``b``.
+
+    ``(..., n, k) @ (..., k, m)`` costs ``prod(...) * n * k * m``.
+    """
+    return _prod(a) * b[-1]
 
 
 def einsum_macs(equation: str, shapes: Sequence[Sequence[int]]) -> int:
@@ -294,15 +297,19 @@ def einsum_macs(equation: str, shapes: Sequence[Sequence[int]]) -> int:
     terms = lhs.split(",")
     if len(terms) != len(shapes):
         raise ValueError(f"einsum {equation!r} names {len(terms)} operands, got {len(shapes)}")
-    spare = iter(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq)
-    ellipsis_letters: str | None = None
+    # every "..." stands for the same broadcast dims, right-aligned across operands
+    n_ell = max(
+        (len(shape) - (len(term) - 3) for term, shape in zip(terms, shapes, strict=True)
+         if "..." in term),
+        default=0,
+    )
+    spare = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq]
+    ellipsis_letters = "".join(spare[:n_ell])
     expanded: list[str] = []
     for term, shape in zip(terms, shapes, strict=True):
         if "..." in term:
-            n_ell = len(shape) - (len(term) - 3)
-            if ellipsis_letters is None or len(ellipsis_letters) < n_ell:
-                ellipsis_letters = "".join(next(spare) for _ in range(n_ell))
-            term = term.replace("...", ellipsis_letters[len(ellipsis_letters) - n_ell :])
+            mine = len(shape) - (len(term) - 3)
+            term = term.replace("...", ellipsis_letters[n_ell - mine :] if mine else "")
         expanded.append(term)
     if "->" not in eq:
         counts: dict[str, int] = {}
@@ -311,7 +318,7 @@ def einsum_macs(equation: str, shapes: Sequence[Sequence[int]]) -> int:
                 counts[ch] = counts.get(ch, 0) + 1
         out = "".join(sorted(ch for ch, n in counts.items() if n == 1))
     elif "..." in out:
-        out = out.replace("...", ellipsis_letters or "")
+        out = out.replace("...", ellipsis_letters)
     sizes: dict[str, int] = {}
     for t, shape in zip(expanded, shapes, strict=True):
         for ch, d in zip(t, shape, strict=True):

@@ -129,40 +129,75 @@ def truncated_svd(
 
 
 def _balanced(
-    mats: torch.Tensor, rank: int
+    mats: torch.Tensor, rank: int, whiten: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(left, right)`` with ``mats ~= left @ right``, the singular values split evenly."""
-    u, s, vh = truncated_svd(mats, rank)
+    """``(left, right)`` with ``mats ~= left @ right``, the singular values split evenly.
+
+    With ``whiten`` (lower-triangular ``S``, ``S S^T = X X^T``) the truncation minimizes the
+    output error ``||(M - left @ right) X||`` instead (SVD-LLM): SVD of ``M S``, then
+    ``right = sqrt(s) V^T S^-1``.
+    """
+    if whiten is None:
+        u, s, vh = truncated_svd(mats, rank)
+        root = s.sqrt()
+        return u * root.unsqueeze(-2), root.unsqueeze(-1) * vh
+    sw = _f64(whiten)
+    u, s, vh = truncated_svd(mats @ sw, rank)
     root = s.sqrt()
-    return u * root.unsqueeze(-2), root.unsqueeze(-1) * vh
+    right = torch.linalg.solve_triangular(sw, root.unsqueeze(-1) * vh, upper=False, left=False)
+    return u * root.unsqueeze(-2), right
 
 
-def linear_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """SVD of a linear weight ``(m, n)``: returns ``(first (r, n), second (m, r))``."""
-    left, right = _balanced(_f64(weight).unsqueeze(0), rank)
+def linear_factors(
+    weight: torch.Tensor, rank: int, whiten: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SVD of a linear weight ``(m, n)``: returns ``(first (r, n), second (m, r))``.
+
+    ``whiten``: the ``(n, n)`` (or ``(1, n, n)``) Cholesky factor of the inputs' Gram matrix.
+    """
+    sw = None if whiten is None else whiten.reshape(1, *whiten.shape[-2:])
+    left, right = _balanced(_f64(weight).unsqueeze(0), rank, sw)
     return right[0], left[0]
 
 
 def channel_factors(
-    weight: torch.Tensor, rank: int, groups: int = 1
+    weight: torch.Tensor, rank: int, groups: int = 1, whiten: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scheme 1 per group: ``(first (g*r, C/g, *k), second (N, r, 1...))``.
 
     ``first`` is a grouped conv with the original geometry, ``second`` a grouped 1x1 conv.
+    ``whiten``: per group, the Cholesky factor of the im2col patches' Gram, ``(g, d, d)``.
     """
     w = _f64(weight)
     n, cg, *k = w.shape
-    left, right = _balanced(unfold(w, "channel", groups), rank)  # (g, N/g, r), (g, r, C/g*k)
+    # (g, N/g, r), (g, r, C/g*k)
+    left, right = _balanced(unfold(w, "channel", groups), rank, whiten)
     first = right.reshape(groups * rank, cg, *k)
     second = left.reshape(n, rank, *([1] * len(k)))
     return first, second
 
 
-def spatial_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scheme 2: ``(vertical (r, C, kh, 1), horizontal (N, r, 1, kw))``."""
+def spatial_factors(
+    weight: torch.Tensor, rank: int, whiten: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scheme 2: ``(vertical (r, C, kh, 1), horizontal (N, r, 1, kw))``.
+
+    ``whiten``: Cholesky factor ``(C*kh, C*kh)`` of the vertical patches' Gram; the input side
+    is the rows of this unfolding, so the SVD is of ``S^T M`` and the left factor gets
+    ``S^-T``.
+    """
     w = _f64(weight)
     n, c, kh, kw = w.shape
-    left, right = _balanced(unfold(w, "spatial"), rank)  # (1, C*kh, r), (1, r, N*kw)
+    m = unfold(w, "spatial")
+    if whiten is None:
+        left, right = _balanced(m, rank)  # (1, C*kh, r), (1, r, N*kw)
+    else:
+        sw = _f64(whiten).reshape(1, c * kh, c * kh)
+        u, s, vh = truncated_svd(sw.transpose(-2, -1) @ m, rank)
+        root = s.sqrt()
+        left = torch.linalg.solve_triangular(sw.transpose(-2, -1), u * root.unsqueeze(-2),
+                                             upper=True)
+        right = root.unsqueeze(-1) * vh
     vertical = left[0].reshape(c, kh, rank).permute(2, 0, 1).unsqueeze(-1)
     horizontal = right[0].reshape(rank, n, kw).permute(1, 0, 2).unsqueeze(2)
     return vertical.contiguous(), horizontal.contiguous()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ from lrfx.cost import ConvGeometry, Cost, Geometry, LinearGeometry
 
 __all__ = [
     "META_KEY",
+    "FrozenMap",
     "SCHEME_UNFOLDINGS",
     "GraphFacts",
     "LayerFacts",
@@ -34,8 +34,33 @@ __all__ = [
 
 META_KEY = "lrfx"
 
+
+class FrozenMap(Mapping[Any, Any]):
+    """A read-only mapping that, unlike ``types.MappingProxyType``, can be pickled and
+    deep-copied (so graph modules carrying lrfx facts can be copied, saved and traced again)."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[Any, Any] | None = None) -> None:
+        self._data = dict(data or {})
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Any:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._data!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FrozenMap, (self._data,))
+
 #: Which matrix unfoldings' spectra rank a scheme; tucker2 has two ranks, ``(r_in, r_out)``.
-SCHEME_UNFOLDINGS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+SCHEME_UNFOLDINGS: Mapping[str, tuple[str, ...]] = FrozenMap(
     {
         "svd": ("rows",),
         "channel": ("channel",),
@@ -123,7 +148,7 @@ class LayerFacts:
     weight_rows: tuple[int, int] | None = None
     schemes: tuple[str, ...] = ()
     note: str = ""
-    spectra: Mapping[str, Spectrum] = field(default_factory=lambda: MappingProxyType({}))
+    spectra: Mapping[str, Spectrum] = field(default_factory=lambda: FrozenMap({}))
 
     @property
     def weight_shape(self) -> tuple[int, ...] | None:
@@ -138,7 +163,7 @@ class LayerFacts:
         return Cost(self.macs, self.params)
 
     def with_spectra(self, spectra: Mapping[str, Spectrum]) -> LayerFacts:
-        return dataclasses.replace(self, spectra=MappingProxyType(dict(spectra)))
+        return dataclasses.replace(self, spectra=FrozenMap(dict(spectra)))
 
 
 @dataclass(frozen=True)
@@ -181,7 +206,7 @@ class GraphFacts:
     input_shapes: tuple[tuple[int, ...], ...] = ()
     provided: frozenset[str] = frozenset()
     total_params: int = 0
-    extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    extra: Mapping[str, Any] = field(default_factory=lambda: FrozenMap({}))
 
     def replace(self, **changes: Any) -> GraphFacts:
         return dataclasses.replace(self, **changes)

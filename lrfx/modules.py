@@ -99,9 +99,16 @@ def _copy_bias(layer: nn.Module, bias: torch.Tensor | None) -> None:
 
 
 def factor_linear(
-    weight: torch.Tensor, bias: torch.Tensor | None, rank: int, name: str = "linear"
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rank: int,
+    name: str = "linear",
+    whiten: torch.Tensor | None = None,
 ) -> Factored:
     """``Linear(n -> m)`` as ``Linear(n -> r)`` then ``Linear(r -> m, bias)``.
+
+    ``whiten`` (Cholesky factor of the inputs' Gram matrix) makes the truncation minimize the
+    output error on the calibration data instead of the weight error.
 
     Example:
         >>> lin = nn.Linear(64, 32)
@@ -112,7 +119,7 @@ def factor_linear(
     """
     dec.check_finite(weight, name)
     m, n = weight.shape
-    first, second = dec.linear_factors(weight, rank)
+    first, second = dec.linear_factors(weight, rank, whiten)
     a = nn.Linear(n, rank, bias=False, device="meta")
     b = nn.Linear(rank, m, bias=bias is not None, device="meta")
     a.weight = _param(first, weight)
@@ -128,9 +135,17 @@ def _conv(dims: int, c: int, n: int, kernel: tuple[int, ...], *, stride: Any = 1
                            groups=groups, bias=False, padding_mode=padding_mode, device="meta")
 
 
-def factor_conv(spec: ConvSpec, scheme: str, rank: int | tuple[int, ...], name: str = "conv"
-                ) -> Factored:
+def factor_conv(
+    spec: ConvSpec,
+    scheme: str,
+    rank: int | tuple[int, ...],
+    name: str = "conv",
+    whiten: torch.Tensor | None = None,
+) -> Factored:
     """Factor a convolution with ``scheme`` at ``rank`` (see the module docstring for layouts).
+
+    ``whiten``: for ``channel`` / ``spatial``, the Cholesky factor of the input patches' Gram
+    matrix (see :mod:`lrfx.passes.analysis.activations`); ignored by tucker2 and cp.
 
     Example:
         >>> conv = nn.Conv2d(16, 32, 3, stride=2, padding=1)
@@ -148,7 +163,7 @@ def factor_conv(spec: ConvSpec, scheme: str, rank: int | tuple[int, ...], name: 
     if scheme == "channel":
         assert isinstance(rank, int)
         g = spec.groups
-        first, second = dec.channel_factors(w, rank, g)
+        first, second = dec.channel_factors(w, rank, g, whiten)
         a = _conv(dims, c, g * rank, k, stride=spec.stride, padding=spec.padding,
                   dilation=spec.dilation, groups=g, padding_mode=pm)
         b = _conv(dims, g * rank, n, (1,) * dims, groups=g)
@@ -160,7 +175,7 @@ def factor_conv(spec: ConvSpec, scheme: str, rank: int | tuple[int, ...], name: 
         assert isinstance(rank, int)
         (sh, sw), (dh, dw) = spec.stride, spec.dilation
         pad_h, pad_w = _split_padding(spec.padding)
-        vertical, horizontal = dec.spatial_factors(w, rank)
+        vertical, horizontal = dec.spatial_factors(w, rank, whiten)
         a = _conv(2, c, rank, (k[0], 1), stride=(sh, 1), padding=pad_h, dilation=(dh, 1),
                   padding_mode=pm)
         b = _conv(2, rank, n, (1, k[1]), stride=(1, sw), padding=pad_w, dilation=(1, dw),
@@ -216,6 +231,12 @@ class LowRankMultiheadAttention(nn.Module):
     ``need_weights``, ``average_attn_weights``, ``is_causal``); ``add_bias_kv`` and
     ``add_zero_attn`` are not supported (such modules are left dense).
     """
+
+    # read by nn.TransformerEncoderLayer's fused-path checks: no packed projection here, so
+    # torch takes the ordinary path, which calls this module
+    in_proj_bias = None
+    in_proj_weight = None
+    _qkv_same_embed_dim = False
 
     def __init__(
         self,

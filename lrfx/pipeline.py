@@ -16,13 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
 from torch import fx
 
 from lrfx.errors import LrfxError, PassError, PipelineError
-from lrfx.facts import get_graph_facts, set_graph_facts
+from lrfx.facts import FrozenMap, get_graph_facts, set_graph_facts
 
 __all__ = ["GraphPass", "PassContext", "Pipeline", "graph_pass"]
 
@@ -44,7 +43,7 @@ class PassContext:
 
     example_inputs: tuple[Any, ...] = ()
     progress: bool = False
-    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    options: Mapping[str, Any] = field(default_factory=lambda: FrozenMap({}))
 
 
 @dataclass(frozen=True)

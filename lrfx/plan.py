@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 from lrfx.cost import SCHEMES, Cost, applicable_schemes, factored_cost, max_rank
 from lrfx.errors import LrfxError, PlanMismatchError, UnsupportedLayerError
+from lrfx.facts import FrozenMap
 
 __all__ = ["FORMAT_VERSION", "LayerPlan", "RankPlan"]
 
@@ -37,6 +38,16 @@ _TWO_RANKS = {"tucker2"}
 Rank = int | tuple[int, ...]
 
 
+def _as_int(x: Any) -> Any:
+    """Integers of any kind (numpy, 0-d torch tensors) as Python ints; anything else unchanged."""
+    if isinstance(x, bool):
+        return x
+    try:
+        return operator.index(x)
+    except TypeError:
+        return x
+
+
 def _as_rank(scheme: str, rank: Any, where: str) -> Rank | None:
     if scheme == "dense":
         if rank is not None:
@@ -44,6 +55,8 @@ def _as_rank(scheme: str, rank: Any, where: str) -> Rank | None:
         return None
     if isinstance(rank, bool) or rank is None:
         raise LrfxError(f"{where}: scheme {scheme!r} needs a rank, got {rank!r}")
+    rank = _as_int(rank) if not isinstance(rank, (list, tuple)) else tuple(
+        _as_int(r) for r in rank)
     if isinstance(rank, (list, tuple)):
         ranks = tuple(rank)
         if not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
@@ -190,8 +203,8 @@ class RankPlan(Mapping[str, LayerPlan]):
                 raise LrfxError(f"RankPlan: layer {name!r} maps to {lp!r}, expected a LayerPlan")
             layers[name] = lp
         _check_json_value(dict(self.settings), "RankPlan")
-        object.__setattr__(self, "layers", MappingProxyType(layers))
-        object.__setattr__(self, "settings", MappingProxyType(_freeze(dict(self.settings))))
+        object.__setattr__(self, "layers", FrozenMap(layers))
+        object.__setattr__(self, "settings", FrozenMap(_freeze(dict(self.settings))))
 
     # Mapping protocol: a plan reads like a dict of layer plans.
     def __getitem__(self, name: str) -> LayerPlan:
@@ -330,7 +343,9 @@ class RankPlan(Mapping[str, LayerPlan]):
             return self.resolve(analyze(model, example_inputs, spectra=False))
         params = dict(model.named_parameters(remove_duplicate=False))
         for name, lp in self.layers.items():
-            w = params.get(f"{name}.weight")
+            w = params.get(f"{name}.weight", params.get(name))
+            if w is None:
+                w = _attention_projection(model, name)
             if w is None:
                 raise PlanMismatchError(name, "the model has no such layer (no weight "
                                         f"{name}.weight); check the layer names with lrfx analyze")
@@ -340,6 +355,22 @@ class RankPlan(Mapping[str, LayerPlan]):
                     f"weight is {tuple(w.shape)}; make a new plan for this model"
                 )
         return self
+
+
+def _attention_projection(model: Any, name: str) -> Any:
+    """The weight of ``mha.q_proj`` / ``k_proj`` / ``v_proj`` of an ``nn.MultiheadAttention``."""
+    from torch import nn
+
+    parent, _, part = name.rpartition(".")
+    try:
+        mha = model.get_submodule(parent)
+    except AttributeError:
+        return None
+    if not isinstance(mha, nn.MultiheadAttention) or part not in ("q_proj", "k_proj", "v_proj"):
+        return None
+    from lrfx.modules import mha_projection
+
+    return mha_projection(mha, part)[0]
 
 
 def _check_rank(name: str, lp: LayerPlan, rec: Any) -> None:

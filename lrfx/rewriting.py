@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from torch import fx, nn
@@ -13,7 +12,7 @@ from torch import fx, nn
 from lrfx.analysis import Analysis, run_analysis
 from lrfx.decompositions import check_finite
 from lrfx.errors import LrfxError
-from lrfx.facts import get_graph_facts, set_graph_facts
+from lrfx.facts import FrozenMap, get_graph_facts, set_graph_facts
 from lrfx.pipeline import PassContext
 from lrfx.plan import LayerPlan, RankPlan
 from lrfx.tracing import as_input_tuple, check_module, trace
@@ -120,7 +119,7 @@ def apply(
         macs_after=after.total_macs,
         input_shapes=facts.input_shapes,
     )
-    set_graph_facts(gm, facts.replace(extra=MappingProxyType(extra)))
+    set_graph_facts(gm, facts.replace(extra=FrozenMap(extra)))
     return gm
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -24,7 +23,7 @@ from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
 
 from lrfx.errors import ShapeError
-from lrfx.facts import get_graph_facts, set_graph_facts
+from lrfx.facts import FrozenMap, get_graph_facts, set_graph_facts
 from lrfx.modules import LowRankMultiheadAttention
 from lrfx.pipeline import PassContext, graph_pass
 
@@ -196,12 +195,12 @@ def propagate_shapes(gm: fx.GraphModule, ctx: PassContext) -> None:
         # torch's Interpreter appends its own trace text to the message; keep ours clean
         raise ShapeError(exc.node, exc.target, exc.reason) from exc.__cause__
     extra = dict(facts.extra)
-    extra["inner_calls"] = MappingProxyType({k: tuple(v) for k, v in prop.inner_calls.items()})
-    extra["leaf_macs"] = MappingProxyType(dict(prop.leaf_macs))
+    extra["inner_calls"] = FrozenMap({k: tuple(v) for k, v in prop.inner_calls.items()})
+    extra["leaf_macs"] = FrozenMap(dict(prop.leaf_macs))
     set_graph_facts(
         gm,
         facts.replace(
             input_shapes=tuple(_shape(x) for x in ctx.example_inputs),
-            extra=MappingProxyType(extra),
+            extra=FrozenMap(extra),
         ),
     )

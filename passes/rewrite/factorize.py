@@ -79,28 +79,37 @@ class _SharedFactors:
     """Factors computed once per (weight, scheme, rank), reused for every layer sharing them."""
 
     def __init__(self) -> None:
-        self._built: dict[tuple[int, int | None, str, Any], Factored] = {}
+        self._built: dict[tuple[int, Any, str, Any], tuple[Factored, torch.Tensor | None]] = {}
+        self._biases: dict[int, nn.Parameter] = {}  # original bias id -> its factored copy
 
     def get(self, weight: torch.Tensor, rows: Any, lp: LayerPlan, build: Any,
             bias: torch.Tensor | None) -> Factored:
         key = (id(weight), rows, lp.scheme, lp.rank)
         if key not in self._built:
-            self._built[key] = build()
-            return self._built[key]
-        return _share(self._built[key], bias)
+            f = build()
+            self._built[key] = (f, bias)
+            if bias is not None:
+                self._biases[id(bias)] = f[-1].bias
+            return f
+        return self._share(self._built[key][0], bias)
 
-
-def _share(f: Factored, bias: torch.Tensor | None) -> Factored:
-    """A new container whose factor weights are the same Parameters as ``f``'s."""
-    children = []
-    for child in f:
-        c = copy.copy(child)
-        c._parameters = dict(child._parameters)
-        children.append(c)
-    last = children[-1]
-    if bias is not None and last.bias is not bias:
-        last.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
-    return Factored(*children, scheme=f.scheme, rank=f.rank)
+    def _share(self, f: Factored, bias: torch.Tensor | None) -> Factored:
+        """A new container whose factor weights are the same Parameters as ``f``'s; the bias is
+        the layer's own (shared too when the dense layers shared one)."""
+        children = []
+        for child in f:
+            c = copy.copy(child)
+            c._parameters = dict(child._parameters)
+            children.append(c)
+        last = children[-1]
+        if bias is None:
+            last.register_parameter("bias", None)
+        elif id(bias) in self._biases:
+            last.bias = self._biases[id(bias)]
+        else:
+            last.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+            self._biases[id(bias)] = last.bias
+        return Factored(*children, scheme=f.scheme, rank=f.rank)
 
 
 def _inline(gm: fx.GraphModule, node: fx.Node, path: str, n_children: int) -> tuple[str, ...]:
@@ -116,15 +125,21 @@ def _inline(gm: fx.GraphModule, node: fx.Node, path: str, n_children: int) -> tu
     return tuple(created)
 
 
-def _factor_module(m: nn.Module, lp: LayerPlan, name: str) -> Factored:
+_WHITENED_UNIT = {"svd": "rows", "channel": "channel", "spatial": "spatial"}
+
+
+def _factor_module(
+    m: nn.Module, lp: LayerPlan, name: str, whitening: Mapping[str, torch.Tensor]
+) -> Factored:
     assert lp.rank is not None
+    whiten = whitening.get(_WHITENED_UNIT.get(lp.scheme, ""))
     if isinstance(m, nn.Linear):
         if lp.scheme != "svd":
             raise UnsupportedLayerError(name, f"scheme {lp.scheme!r} does not apply to Linear")
         assert isinstance(lp.rank, int)
-        return factor_linear(m.weight, m.bias, lp.rank, name)
+        return factor_linear(m.weight, m.bias, lp.rank, name, whiten)
     if isinstance(m, _CONVS):
-        return factor_conv(ConvSpec.of(m), lp.scheme, lp.rank, name)
+        return factor_conv(ConvSpec.of(m), lp.scheme, lp.rank, name, whiten)
     raise UnsupportedLayerError(name, f"a {type(m).__name__} cannot be factored")
 
 
@@ -224,13 +239,16 @@ def _ancestors(gm: fx.GraphModule, path: str) -> list[nn.Module]:
 def factorize(gm: fx.GraphModule, ctx: PassContext) -> tuple[RewriteRecord, ...]:
     """Replace every layer the plan factors by its factored subgraph.
 
-    Reads: ``ctx.options["plan"]`` (a :class:`~lrfx.RankPlan`, resolved against this graph) and
-    ``node.meta["lrfx"]``. Writes: new modules and nodes. **Mutates** the graph module in place.
+    Reads: ``ctx.options["plan"]`` (a :class:`~lrfx.RankPlan`, resolved against this graph),
+    optionally ``ctx.options["whitening"]`` (per layer and unfolding, the Cholesky factor of the
+    inputs' Gram matrix, for data-aware factors), and ``node.meta["lrfx"]``. Writes: new modules
+    and nodes. **Mutates** the graph module in place.
 
     Returns:
         One :class:`RewriteRecord` per factored layer.
     """
     plan = ctx.options.get("plan")
+    whitening: Mapping[str, Mapping[str, torch.Tensor]] = ctx.options.get("whitening") or {}
     if not isinstance(plan, RankPlan):
         raise LrfxError("factorize needs the plan in ctx.options['plan'] (a lrfx.RankPlan)")
     wanted = plan.factored
@@ -259,8 +277,9 @@ def factorize(gm: fx.GraphModule, ctx: PassContext) -> tuple[RewriteRecord, ...]
             continue
         module = _get(gm, name)
         if isinstance(module, (nn.Linear, *_CONVS)):
-            f = shared.get(module.weight, None, lp, lambda m=module, lp=lp, name=name:
-                           _factor_module(m, lp, name), module.bias)
+            whiten = whitening.get(name, {})
+            f = shared.get(module.weight, None, lp, lambda m=module, lp=lp, name=name, w=whiten:
+                           _factor_module(m, lp, name, w), module.bias)
             _set_module(gm, name, f)
             nodes: tuple[str, ...] = ()
             for n, lay in uses:
@@ -280,10 +299,32 @@ def factorize(gm: fx.GraphModule, ctx: PassContext) -> tuple[RewriteRecord, ...]
         for part, lp in parts.items():
             records.append(RewriteRecord(f"{parent}.{part}", lp.scheme, lp.rank,
                                          f"{parent}.{part}", ()))
+    for node in list(gm.graph.nodes):  # dense weights of rewritten functional layers
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    _disable_fused_paths(gm)
     _drop_unused_attributes(gm)
     gm.graph.lint()
     gm.recompile()
     return tuple(records)
+
+
+def _disable_fused_paths(gm: fx.GraphModule) -> None:
+    """Keep ``nn.TransformerEncoderLayer``'s fused inference path away from factored layers.
+
+    Its fast path reads ``linear1.weight``, ``self_attn.in_proj_weight``... directly; once any
+    of its layers is factored, its attention becomes a :class:`LowRankMultiheadAttention`
+    (``in_proj_bias`` is None), which makes torch take the ordinary path that calls each layer.
+    """
+    for name, m in list(gm.named_modules()):
+        if not isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+            continue
+        if not any(isinstance(c, (Factored, LowRankMultiheadAttention)) for c in m.modules()):
+            continue
+        for attr in ("self_attn", "multihead_attn"):
+            mha = getattr(m, attr, None)
+            if isinstance(mha, nn.MultiheadAttention):
+                setattr(m, attr, LowRankMultiheadAttention.replacing(mha, {}, f"{name}.{attr}"))
 
 
 def _get(gm: fx.GraphModule, path: str) -> nn.Module | None:

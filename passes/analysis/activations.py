@@ -1,0 +1,257 @@
+"""Activation statistics for data-aware (whitened) low-rank factorization.
+
+For every factorable Linear/Conv1d/Conv2d module (graph nodes and layers inside leaves), forward
+pre-hooks accumulate the Gram matrix ``X X^T`` of the layer's inputs over calibration batches, in
+float64 and in bounded memory (one ``d x d`` matrix per layer and unfolding, whatever the number
+of batches):
+
+* Linear: the input rows (``d = n``);
+* Conv, channel scheme: the im2col patches (``d = C/g * prod(k)``, one matrix per group);
+* Conv2d, spatial scheme: the vertical ``kh x 1`` patches (``d = C * kh``), the input side of
+  the spatial factorization (an approximation that ignores correlations across the width taps).
+
+:func:`whitened_spectra` then gives, per layer, the singular values of ``W S`` where
+``S S^T = X X^T / n + damping``: each dropped value is the output error it causes (SVD-LLM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from lrfx.decompositions import svdvals, unfold
+from lrfx.errors import LrfxError, ShapeError
+from lrfx.facts import (
+    FrozenMap,
+    LayerFacts,
+    Spectrum,
+    get_graph_facts,
+    get_node_facts,
+    set_graph_facts,
+)
+from lrfx.pipeline import PassContext, graph_pass
+from lrfx.tracing import as_input_tuple
+
+__all__ = ["InputStats", "collect_input_stats", "run_checked", "whitened_spectra",
+           "whitening_factor"]
+
+log = logging.getLogger(__name__)
+
+#: Relative damping added to the diagonal of ``X X^T / n`` before the Cholesky factorization.
+DAMPING = 1e-5
+
+
+@dataclass
+class InputStats:
+    """Gram matrices of one layer's inputs: ``grams[unfolding]`` is ``(groups, d, d)``."""
+
+    grams: dict[str, torch.Tensor]
+    count: int = 0
+
+
+def _same_padding(k: int, d: int) -> tuple[int, int]:
+    total = d * (k - 1)
+    return total // 2, total - total // 2
+
+
+def _pad_conv_input(x: torch.Tensor, m: nn.Module) -> tuple[torch.Tensor, list[int]]:
+    """The input padded as the conv pads it, plus the padding left to 0 for unfold."""
+    assert isinstance(m, (nn.Conv1d, nn.Conv2d))
+    dims = x.dim() - 2
+    k, d = list(m.kernel_size), list(m.dilation)
+    if isinstance(m.padding, str):
+        pads = [(0, 0)] * dims if m.padding == "valid" else [
+            _same_padding(k[i], d[i]) for i in range(dims)]
+    else:
+        pads = [(p, p) for p in m.padding]
+    flat: list[int] = []
+    for lo, hi in reversed(pads):
+        flat += [lo, hi]
+    mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+    return F.pad(x, flat, mode=mode) if any(flat) else x, flat
+
+
+def _patches(x: torch.Tensor, m: nn.Module, kernel: tuple[int, int], stride: tuple[int, int],
+             dilation: tuple[int, int]) -> torch.Tensor:
+    """im2col patches ``(B * L, C * kh * kw)`` of the padded input."""
+    cols = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (B, C*kh*kw, L)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _accumulate(stats: InputStats, key: str, rows: torch.Tensor, groups: int = 1) -> None:
+    rows = rows.detach().to(torch.float64)
+    g = rows.reshape(rows.shape[0], groups, -1).transpose(0, 1)  # (groups, n, d)
+    gram = g.transpose(1, 2) @ g
+    if key in stats.grams:
+        stats.grams[key] += gram
+    else:
+        stats.grams[key] = gram
+
+
+def _hook(layer: LayerFacts, stats: InputStats) -> Any:
+    def pre_hook(m: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0]
+        if isinstance(m, nn.Linear):
+            _accumulate(stats, "rows", x.reshape(-1, x.shape[-1]))
+            stats.count += x.reshape(-1, x.shape[-1]).shape[0]
+            return
+        assert isinstance(m, (nn.Conv1d, nn.Conv2d))
+        if isinstance(m, nn.Conv1d):
+            x = x.unsqueeze(-2)
+            k, s, d = (1, m.kernel_size[0]), (1, m.stride[0]), (1, m.dilation[0])
+            padded, _ = _pad_conv_input(x.squeeze(-2), m)
+            padded = padded.unsqueeze(-2)
+        else:
+            k, s, d = m.kernel_size, m.stride, m.dilation  # type: ignore[assignment]
+            padded, _ = _pad_conv_input(x, m)
+        if x.dim() == 3:  # unbatched conv2d input
+            padded = padded.unsqueeze(0)
+        if "channel" in layer.schemes:
+            p = _patches(padded, m, k, s, d)
+            _accumulate(stats, "channel", p, m.groups)
+            stats.count += p.shape[0]
+        if "spatial" in layer.schemes:
+            v = _patches(padded, m, (k[0], 1), (s[0], 1), (d[0], 1))
+            _accumulate(stats, "spatial", v)
+    return pre_hook
+
+
+def _statable(gm: fx.GraphModule, layer: LayerFacts) -> nn.Module | None:
+    if not layer.factorable or layer.weight != f"{layer.name}.weight":
+        return None
+    try:
+        m = gm.get_submodule(layer.name)
+    except AttributeError:
+        return None
+    return m if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) else None
+
+
+class _Checked(fx.Interpreter):
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            return super().run_node(n)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ShapeError(n.name, f"{n.op} {n.target}", first) from exc
+
+
+def run_checked(gm: fx.GraphModule, *args: Any) -> Any:
+    """Run the graph; a failure raises :class:`ShapeError` naming the node (not torch's text)."""
+    try:
+        return _Checked(gm).run(*args)
+    except ShapeError as exc:
+        raise ShapeError(exc.node, exc.target, exc.reason) from exc.__cause__
+
+
+@contextlib.contextmanager
+def _eval(gm: nn.Module) -> Iterator[None]:
+    flags = [(m, m.training) for m in gm.modules()]
+    gm.train(False)
+    try:
+        yield
+    finally:
+        for m, f in flags:
+            m.training = f
+
+
+@graph_pass(requires=["layers"], provides=["input_stats"])
+def collect_input_stats(gm: fx.GraphModule, ctx: PassContext) -> Mapping[str, InputStats]:
+    """Accumulate ``X X^T`` of every factorable module's inputs over calibration batches.
+
+    Reads: ``ctx.options["calibration"]`` (an iterable of batches: tensors or tuples of
+    positional inputs) and the layer facts. Writes: ``gm.meta["lrfx"].extra["input_stats"]``.
+    Does not change the graph or any module's state (eval mode, no grad; hooks removed after).
+
+    Raises:
+        ShapeError: A calibration batch does not fit the model; names the node.
+    """
+    batches = ctx.options.get("calibration")
+    if batches is None:
+        raise LrfxError("collect_input_stats needs calibration batches in "
+                        "ctx.options['calibration']")
+    stats: dict[str, InputStats] = {}
+    handles = []
+    seen: set[str] = set()
+    for node in gm.graph.nodes:
+        facts = get_node_facts(node)
+        for layer in facts.layers if facts else ():
+            m = _statable(gm, layer)
+            if m is None or layer.name in seen:
+                continue
+            seen.add(layer.name)
+            stats[layer.name] = InputStats({})
+            handles.append(m.register_forward_pre_hook(_hook(layer, stats[layer.name])))
+    n_batches = 0
+    try:
+        with _eval(gm), torch.no_grad():
+            for batch in batches:
+                run_checked(gm, *as_input_tuple(batch, "calibration batch"))
+                n_batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+    if n_batches == 0:
+        raise LrfxError("calibration is empty: give at least one batch")
+    gfacts = get_graph_facts(gm)
+    extra = dict(gfacts.extra)
+    extra["input_stats"] = FrozenMap(stats)
+    set_graph_facts(gm, gfacts.replace(extra=FrozenMap(extra)))
+    return stats
+
+
+def whitening_factor(gram: torch.Tensor, count: int) -> torch.Tensor:
+    """Lower Cholesky factor ``S`` of ``gram / count + damping * mean(diag) * I`` (batched)."""
+    g = gram / max(count, 1)
+    d = g.shape[-1]
+    scale = torch.diagonal(g, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
+    eye = torch.eye(d, dtype=g.dtype)
+    damping = DAMPING
+    for _ in range(8):
+        chol, info = torch.linalg.cholesky_ex(g + (damping * scale)[..., None, None] * eye)
+        if int(info.max()) == 0:
+            return chol
+        damping *= 10
+    raise LrfxError("input statistics are not positive definite even with damping; use more "
+                    "calibration data")
+
+
+def whitened_spectra(
+    gm: fx.GraphModule, layers: Iterable[Any], stats: Mapping[str, InputStats]
+) -> tuple[dict[str, dict[str, Spectrum]], dict[str, dict[str, torch.Tensor]]]:
+    """Whitened spectra and whitening factors of every layer with statistics.
+
+    Returns:
+        ``(spectra, factors)``: per layer, per unfolding, the :class:`Spectrum` of ``W S`` (``S^T
+        M`` for the spatial unfolding) and the factor ``S``. Unfoldings without statistics (e.g.
+        Tucker-2's mode 1) keep their plain spectra.
+    """
+    spectra: dict[str, dict[str, Spectrum]] = {}
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for rec in layers:
+        st = stats.get(rec.name)
+        if st is None or not st.grams:
+            continue
+        w = gm.get_parameter(f"{rec.name}.weight").detach().to("cpu", torch.float64)
+        groups = getattr(rec.calls[0], "groups", 1)
+        sp = dict(rec.spectra)
+        fac: dict[str, torch.Tensor] = {}
+        for unit, gram in st.grams.items():
+            s = whitening_factor(gram, st.count)
+            if unit == "rows":
+                mats = w.unsqueeze(0) @ s
+            elif unit == "channel":
+                mats = unfold(w, "channel", groups) @ s
+            else:  # spatial: the input side is the rows of the unfolding
+                mats = s.transpose(-2, -1) @ unfold(w, "spatial")
+            sp[unit] = Spectrum(svdvals(mats))
+            fac[unit] = s
+        spectra[rec.name] = sp
+        factors[rec.name] = fac
+    return spectra, factors
