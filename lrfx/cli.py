@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -119,6 +120,59 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibration(spec: str, n: int, batch_size: int = 128) -> list[Any]:
+    """Calibration batches from ``fashion-mnist``, ``digits`` or a saved tensor (``PATH``)."""
+    import torch
+
+    from lrfx.data import load_digits_tensors, load_fashion_mnist
+
+    if spec == "fashion-mnist":
+        x, _ = load_fashion_mnist("train")
+    elif spec == "digits":
+        x, _ = load_digits_tensors()
+    elif Path(spec).is_file():
+        try:
+            x = torch.load(spec, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise LrfxError(f"cannot read calibration tensor {spec!r}: {exc}") from exc
+        if not isinstance(x, torch.Tensor):
+            raise LrfxError(f"{spec!r} must hold one tensor of inputs (N, ...), "
+                            f"got {type(x).__name__}")
+    else:
+        raise LrfxError(f"unknown calibration data {spec!r}: use fashion-mnist, digits, or the "
+                        "path of a tensor saved with torch.save (N, C, H, W)")
+    x = x[:n]
+    return [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from lrfx.compress import compress
+    from lrfx.io import export, save
+    from lrfx.models import load_model
+
+    model, default_shape = load_model(args.model)
+    inputs = _inputs_for(args.model, args.input, default_shape)
+    calibration = (None if args.calibration is None
+                   else _calibration(args.calibration, args.calibration_size))
+    budget: dict[str, float | int] = {}
+    for key in ("macs", "params"):
+        v = getattr(args, key)
+        if v is not None:
+            budget[key] = int(v) if v > 1 and float(v).is_integer() else v
+    gm = compress(model, inputs, macs=budget.get("macs"), params=budget.get("params"),
+                  allocator=args.allocator, scheme=args.scheme, calibration=calibration,
+                  round_to=args.round_to, progress=not args.no_progress and sys.stderr.isatty())
+    out = save(gm, args.output, model_spec=args.model)
+    suffix = {"pt2": "pt2", "onnx": "onnx", "torchscript": "ts", "python": "py"}[args.format]
+    export(gm, out / f"model.{suffix}", inputs, format=args.format)
+    report = gm.meta["lrfx"].extra["report"]
+    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    print(report.table())
+    print(f"wrote {out}/ (plan.json, weights.safetensors, model.{suffix}, report.json, "
+          "manifest.json, model_code.py)")
+    return 0
+
+
 def _print_table(result: Any) -> None:
     if not sys.stdout.isatty():
         print(result.table())  # plain text: nothing truncated when piped or logged
@@ -173,6 +227,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-spectra", action="store_true", help="skip the singular values")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_analyze)
+
+    p = sub.add_parser(
+        "compress",
+        help="compress a model to a MACs or parameter budget in one call",
+        description="Analyze, allocate ranks for the budget, rewrite, (with calibration data) "
+        "whiten the factorization and recalibrate BatchNorm; write plan, weights, the exported "
+        "graph and a report.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  lrfx compress torchvision:resnet18 --macs 0.5 -o out/\n"
+        "  lrfx compress torchvision:resnet50 --macs 0.5 --allocator energy --scheme channel "
+        "-o out/\n"
+        "  lrfx compress mypkg.nets:fmnist_net --macs 0.3 --calibration fashion-mnist "
+        "--input 1x1x28x28 -o out/\n"
+        "  lrfx compress torchvision:mobilenet_v2 --params 0.6 --round-to 8 -o out/\n",
+    )
+    p.add_argument("model", metavar="MODEL", help="as for lrfx analyze")
+    p.add_argument("--macs", type=float, metavar="B",
+                   help="MACs budget: a fraction in (0, 1] or an absolute count")
+    p.add_argument("--params", type=float, metavar="B",
+                   help="parameter budget: a fraction in (0, 1] or an absolute count")
+    p.add_argument("--allocator", default="lc",
+                   choices=["lc", "energy", "global_sigma", "uniform"])
+    p.add_argument("--scheme", default="auto",
+                   choices=["auto", "channel", "spatial", "tucker2"])
+    p.add_argument("--calibration", metavar="DATA",
+                   help="fashion-mnist, digits, or PATH of a saved (N, ...) input tensor: "
+                   "whitened (data-aware) factors and BN recalibration")
+    p.add_argument("--calibration-size", type=int, default=1024, metavar="N",
+                   help="how many calibration samples (default 1024)")
+    p.add_argument("--round-to", type=int, metavar="K", help="round ranks to multiples of K")
+    p.add_argument("--format", choices=["pt2", "onnx", "torchscript", "python"], default="pt2",
+                   help="format of the exported graph (default pt2)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--input", action="append", metavar="SHAPE", help="as for lrfx analyze")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_compress)
 
     p = sub.add_parser(
         "apply",

@@ -48,7 +48,7 @@ Choice = dict[str, Candidate]
 
 #: Largest Pareto frontier the exact knapsack keeps; beyond it the frontier is thinned (and the
 #: result flagged as not proven optimal).
-MAX_FRONTIER = 20_000
+MAX_FRONTIER = 4_000
 
 
 def _primary(o: LayerOptions) -> list[Candidate]:
