@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from lrfx.errors import LrfxError
+from lrfx.errors import BudgetInfeasibleError, LrfxError
 from lrfx.passes.allocation.candidates import (
     Budget,
     Candidate,
@@ -66,8 +66,14 @@ def _bisect(
 ) -> tuple[Choice, float]:
     """Largest parameter in [lo, hi] whose choice fits the budget (cost is nondecreasing in it)."""
     best = make(lo)
-    if cost_of(best, fixed) > budget.target:
-        return best, lo
+    floor = cost_of(best, fixed)
+    if floor > budget.target:
+        raise BudgetInfeasibleError(
+            f"a {budget.metric} budget of {budget.target:,} ({budget.fraction:.3f} of "
+            f"{budget.total:,}) cannot be met by this allocator: its rule (one scheme per layer, "
+            f"its minimum rank) reaches {floor:,} ({floor / budget.total:.3f}) at the lowest; "
+            "raise the budget or use allocator='lc', which considers every scheme and rank"
+        )
     top = make(hi)
     if cost_of(top, fixed) <= budget.target:
         return top, hi

@@ -1,0 +1,228 @@
+"""Data-aware (whitened, SVD-LLM) factorization, algorithms.md §5.
+
+With ``S S^T = X X^T`` the truncation of ``W S`` minimizes the output error ``||(W - W') X||_F``,
+and each dropped singular value is exactly the output error it causes.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _rewrite_models import Wrap, effective_weight
+from torch import nn
+
+import lrfx
+from lrfx.decompositions import channel_factors, linear_factors, spatial_factors, unfold
+from lrfx.passes.analysis.activations import (
+    DAMPING,
+    collect_input_stats,
+    whitened_spectra,
+    whitening_factor,
+)
+from lrfx.passes.rewrite import factorize
+from lrfx.pipeline import PassContext
+
+
+def _anisotropic(d: int, n: int, seed: int = 0) -> torch.Tensor:
+    """``(d, n)`` samples whose covariance spans 4 orders of magnitude, in a random basis."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    scales = torch.logspace(0, -2, d, dtype=torch.float64)
+    return q @ (scales[:, None] * torch.randn(d, n, generator=g, dtype=torch.float64))
+
+
+def _out_err(w: torch.Tensor, w2: torch.Tensor, x: torch.Tensor) -> float:
+    return float(((w - w2) @ x).norm())
+
+
+# --- Linear ---------------------------------------------------------------------------------------
+
+
+def test_linear_output_error_is_the_whitened_tail() -> None:
+    m, n = 16, 24
+    x = _anisotropic(n, 2000)
+    w = torch.randn(m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    s = torch.linalg.cholesky(x @ x.T)  # exact whitening, no damping
+    sv = torch.linalg.svdvals(w @ s)
+    for r in (1, 3, 6, 10):
+        first, second = linear_factors(w, r, whiten=s)
+        assert first.shape == (r, n) and second.shape == (m, r)
+        err_w = _out_err(w, second @ first, x)
+        tail = float(sv[r:].square().sum().sqrt())
+        assert err_w == pytest.approx(tail, rel=1e-7)
+        pf, ps = linear_factors(w, r)
+        err_p = _out_err(w, ps @ pf, x)
+        assert err_w < 0.9 * err_p, (r, err_w, err_p)
+        # plain SVD is still the better *weight* approximation
+        assert (w - ps @ pf).norm() <= (w - second @ first).norm() + 1e-9
+
+
+def test_linear_full_rank_whitened_reproduces_the_weight() -> None:
+    x = _anisotropic(12, 500)
+    w = torch.randn(8, 12, dtype=torch.float64)
+    s = torch.linalg.cholesky(x @ x.T)
+    first, second = linear_factors(w, 8, whiten=s)
+    torch.testing.assert_close(second @ first, w, rtol=1e-8, atol=1e-8)
+    # float32 weight, batched (1, n, n) factor: same result, float64 out
+    first, second = linear_factors(w.float(), 8, whiten=s.unsqueeze(0).float())
+    assert first.dtype == torch.float64
+    torch.testing.assert_close(second @ first, w, rtol=1e-4, atol=1e-4)
+
+
+def test_linear_damped_whitening_error_is_the_tail_up_to_the_damping() -> None:
+    """With ``S S^T = G + d I`` (G = XX^T / count): tail^2 = err^2 / count + d ||W - W'||^2."""
+    m, n, count = 10, 20, 3000
+    x = _anisotropic(n, count, seed=3)
+    w = torch.randn(m, n, dtype=torch.float64)
+    gram = x @ x.T
+    s = whitening_factor(gram.unsqueeze(0), count)[0]
+    d = DAMPING * float(torch.diagonal(gram).mean()) / count
+    torch.testing.assert_close(s @ s.T, gram / count + d * torch.eye(n, dtype=torch.float64))
+    sv = torch.linalg.svdvals(w @ s)
+    for r in (2, 5, 9):
+        first, second = linear_factors(w, r, whiten=s)
+        delta = w - second @ first
+        err2 = _out_err(w, second @ first, x) ** 2
+        tail2 = float(sv[r:].square().sum())
+        assert tail2 == pytest.approx(err2 / count + d * float(delta.square().sum()), rel=1e-8)
+        assert err2 / count <= tail2
+
+
+def test_linear_stats_and_whitened_spectra_through_the_passes() -> None:
+    """collect_input_stats accumulates XX^T over batches; whitened_spectra is svd(W S)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 16)).double()
+    x = _anisotropic(24, 600, seed=5).T.contiguous()  # (600, 24) rows
+    batches = [x[:200], x[200:450], x[450:]]
+    gm = lrfx.trace(model)
+    before = lrfx.run_analysis(gm, (x[:1],), spectra=True)
+    stats = collect_input_stats(gm, PassContext(options={"calibration": batches}))
+    st = stats["0"]
+    assert st.count == 600
+    torch.testing.assert_close(st.grams["rows"][0], x.T @ x)
+    spectra, factors = whitened_spectra(gm, before.layers, stats)
+    s = factors["0"]["rows"]
+    expect = torch.linalg.svdvals(model[0].weight.detach().double() @ s[0])
+    torch.testing.assert_close(spectra["0"]["rows"].values[0], expect)
+    # the statistics pass leaves the module's state alone
+    assert not model[0]._forward_pre_hooks
+    assert not gm.get_submodule("0")._forward_pre_hooks
+
+
+# --- Conv, channel scheme -------------------------------------------------------------------------
+
+
+def _conv_data(c: int, seed: int, batch: int = 8, size: int = 10) -> torch.Tensor:
+    """Images with channels mixed by a badly conditioned matrix and spatially smoothed."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(c, c, generator=g) @ torch.diag(torch.logspace(0, -2, c))
+    z = torch.randn(batch, c, size + 2, size + 2, generator=g)
+    z = nn.functional.avg_pool2d(z, 3, stride=1)
+    return torch.einsum("dc,bchw->bdhw", mix, z)
+
+
+def test_conv_channel_factors_whitened_by_im2col_statistics() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 12, 3, padding=1, bias=False).double()
+    x = _conv_data(6, 1).double()
+    patches = nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 54)
+    gram = patches.T @ patches
+    s = torch.linalg.cholesky(gram).unsqueeze(0)
+    w = conv.weight.detach()
+    sv = torch.linalg.svdvals(unfold(w, "channel")[0] @ s[0])
+    for r in (2, 4, 8):
+        first, second = channel_factors(w, r, whiten=s)
+        wf = (second.reshape(12, r) @ first.reshape(r, -1)).reshape_as(w)
+        err_w = float((nn.functional.conv2d(x, wf - w, padding=1)).norm())
+        assert err_w == pytest.approx(float(sv[r:].square().sum().sqrt()), rel=1e-6)
+        pf, ps = channel_factors(w, r)
+        wp = (ps.reshape(12, r) @ pf.reshape(r, -1)).reshape_as(w)
+        err_p = float((nn.functional.conv2d(x, wp - w, padding=1)).norm())
+        assert err_w < err_p
+    first, second = channel_factors(w, 12, whiten=s)
+    torch.testing.assert_close((second.reshape(12, 12) @ first.reshape(12, -1)).reshape_as(w), w)
+
+
+def test_conv_spatial_full_rank_whitened_reproduces_the_weight() -> None:
+    w = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    v = _anisotropic(12, 400).T
+    s = torch.linalg.cholesky(v.T @ v)
+    vertical, horizontal = spatial_factors(w, 12, whiten=s)
+    rebuilt = torch.einsum("rci,nrj->ncij", vertical[..., 0], horizontal[:, :, 0, :])
+    torch.testing.assert_close(rebuilt, w)
+
+
+class _TwoConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.relu(self.conv1(x)))
+
+
+def _rewrite(model: nn.Module, inputs: torch.Tensor, plan: lrfx.RankPlan,
+             batches: list[torch.Tensor] | None) -> tuple[torch.fx.GraphModule, object]:
+    gm = lrfx.trace(copy.deepcopy(model))
+    before = lrfx.run_analysis(gm, (inputs,), spectra=True)
+    spectra = whitening = None
+    if batches is not None:
+        stats = collect_input_stats(gm, PassContext(options={"calibration": batches}))
+        spectra, whitening = whitened_spectra(gm, before.layers, stats)
+    factorize(gm, PassContext(options={"plan": plan.resolve(before), "whitening": whitening or {}}))
+    return gm, (stats if batches is not None else None, spectra)
+
+
+def test_whitened_rewrite_has_lower_output_error_at_the_same_plan() -> None:
+    """Only conv2 is factored, so the model output is conv2's output: the whitened factors must
+    do better on the calibration data, and their error is the whitened spectrum's tail."""
+    torch.manual_seed(0)
+    model = _TwoConv().eval()
+    batches = [_conv_data(4, s, batch=4) for s in range(3)]
+    rank = 4
+    plan = lrfx.RankPlan({"conv2": ("channel", rank)})
+    plain, _ = _rewrite(model, batches[0][:1], plan, None)
+    white, (stats, spectra) = _rewrite(model, batches[0][:1], plan, batches)
+    assert type(white.get_submodule("conv2")).__name__ == "Factored"
+
+    def err2(gm: torch.fx.GraphModule) -> float:
+        with torch.no_grad():
+            return sum(float((gm(x).double() - model(x).double()).square().sum()) for x in batches)
+
+    e_plain, e_white = err2(plain), err2(white)
+    assert e_white < 0.8 * e_plain, (e_white, e_plain)
+    # the tail of the whitened spectrum predicts the error (damping adds d * ||dW||^2 >= 0)
+    st = stats["conv2"]
+    assert st.count == sum(x.shape[0] * 100 for x in batches)  # 10x10 output positions
+    sv = spectra["conv2"]["channel"].values[0]
+    tail2 = float(sv[rank:].square().sum())
+    assert e_white / st.count <= tail2 * (1 + 1e-4)
+    assert e_white / st.count >= 0.98 * tail2
+    # the effective weight of the whitened factors is not the plain truncation
+    w_white = effective_weight(white.get_submodule("conv2"))
+    w_plain = effective_weight(plain.get_submodule("conv2"))
+    assert not torch.allclose(w_white, w_plain, atol=1e-4)
+
+
+def test_compress_whitened_beats_plain_at_the_same_plan() -> None:
+    """One conv: lrfx.compress with calibration vs lrfx.apply of the same plan (plain SVD)."""
+    torch.manual_seed(0)
+    model = Wrap(nn.Conv2d(8, 16, 3, padding=1)).eval()
+    batches = [_conv_data(8, s, batch=4) for s in range(3)]
+    gm = lrfx.compress(model, batches[0][:1], macs=0.4, scheme="channel", calibration=batches)
+    report = gm.meta["lrfx"].extra["report"]
+    assert report.whitened and [row["scheme"] for row in report.layers] == ["channel"]
+    plan = gm.meta["lrfx"].extra["plan"]
+    plain = lrfx.apply(model, lrfx.RankPlan(dict(plan.factored)), batches[0][:1])
+    with torch.no_grad():
+        e_white = sum(float((gm(x) - model(x)).norm() ** 2) for x in batches)
+        e_plain = sum(float((plain(x) - model(x)).norm() ** 2) for x in batches)
+    assert e_white < e_plain
+    # the predicted (relative) error is that of the output, not of the weight
+    with torch.no_grad():
+        rel = e_white / sum(float((model(x) - model.layer.bias[:, None, None]).norm() ** 2)
+                            for x in batches)
+    assert report.layers[0]["error"] == pytest.approx(rel, rel=0.05)
