@@ -46,6 +46,9 @@ __all__ = [
 
 Choice = dict[str, Candidate]
 
+#: The unfolding whose singular values rank a scheme in the rank rules (tucker2: its r_out).
+_RANKING_UNIT = {"svd": "rows", "channel": "channel", "spatial": "spatial", "tucker2": "channel"}
+
 #: Largest Pareto frontier the exact knapsack keeps; beyond it the frontier is thinned (and the
 #: result flagged as not proven optimal).
 MAX_FRONTIER = 4_000
@@ -150,8 +153,7 @@ def allocate_energy(
             if not cands:
                 out[o.name] = o.dense
                 continue
-            unit = {"svd": "rows", "channel": "channel", "spatial": "spatial",
-                    "tucker2": "channel"}[cands[0].scheme]
+            unit = _RANKING_UNIT[cands[0].scheme]
             r = o.spectra[unit].rank_at_value(value)
             out[o.name] = next((c for c in cands if _r(c) == r), o.dense)
         return out, {"value": value}
@@ -187,8 +189,7 @@ def allocate_global_sigma(
         cands = _primary(o)
         if not cands:
             continue
-        unit = {"svd": "rows", "channel": "channel", "spatial": "spatial",
-                "tucker2": "channel"}[cands[0].scheme]
+        unit = _RANKING_UNIT[cands[0].scheme]
         vals = o.spectra[unit].values.max(dim=0).values.numpy()  # widest group decides
         per_layer[o.name] = (cands, vals)
         pooled.extend(vals.tolist())
@@ -236,8 +237,7 @@ def allocate_uniform(
 
 def _full_rank(o: LayerOptions, fallback: int) -> int:
     cands = _primary(o)
-    unit = {"svd": "rows", "channel": "channel", "spatial": "spatial",
-            "tucker2": "channel"}[cands[0].scheme]
+    unit = _RANKING_UNIT[cands[0].scheme]
     sp = o.spectra.get(unit)
     return sp.max_rank if sp is not None else fallback
 
