@@ -28,6 +28,7 @@ Run (from the repository root)::
     .venv/bin/python bench/zoo_macs.py --models resnet18,vit_b_16,swin_t
     .venv/bin/python bench/zoo_macs.py --resume                 # finish an interrupted sweep
     .venv/bin/python bench/zoo_macs.py --update --models vit_b_16   # rerun some, keep the rest
+    .venv/bin/python bench/zoo_macs.py --report                 # table + PNG from the JSON
 
 Writes ``bench/results/zoo_macs.json`` (per-model records, summary, machine info) and
 ``bench/results/zoo_macs.png`` (relative error per model); prints a table and the totals.
@@ -331,6 +332,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "parity_bit_exact": len(names(lambda r: r.get("parity_exact"))),
         "counted": len(names(lambda r: "lrfx_macs" in r)),
         "within_tol": len(names(lambda r: r.get("within_tol"))),
+        "matches_rounded": len(names(lambda r: r.get("matches_rounded"))),
         "outside_tol": {
             r["model"]: r["rel_err"] for r in records if "rel_err" in r and not r["within_tol"]
         },
@@ -430,9 +432,10 @@ def totals_text(s: dict[str, Any]) -> str:
             else ""
         ),
     ]
+    lines.append(f"equal to tv at tv's 3 decimals: {s['matches_rounded']}/{n}")
     if s["outside_tol_but_matches_rounded"]:
         lines.append(
-            "  of those, equal to tv at tv's 3 decimals: "
+            "  outside 0.5% only through tv's rounding: "
             + ", ".join(s["outside_tol_but_matches_rounded"])
         )
     lines += [
@@ -473,6 +476,10 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     ]
     ax.barh(list(y), errs, color=colors)
     ax.axvspan(-100 * REL_TOL, 100 * REL_TOL, color="0.9", zorder=0)
+    # torchvision publishes 3 decimals: anything within half a unit of the last digit is equal
+    half_ulp = [100 * 0.0005 / r["tv_gmacs"] for r in recs]
+    ax.scatter(half_ulp, list(y), marker="|", color="0.4", s=12, lw=0.8)
+    ax.scatter([-h for h in half_ulp], list(y), marker="|", color="0.4", s=12, lw=0.8)
     for i, r in enumerate(recs):
         if r.get("flop_counter_equal") is False:
             ax.plot([0], [i], marker="x", color="k", ms=4)
@@ -482,7 +489,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     ax.set_title(
         "lrfx.count_macs on the torchvision zoo\n"
         "grey band: ±0.5 %; orange: equal at torchvision's 3 decimals; "
-        "x: FlopCounterMode/2 differs",
+        "x: FlopCounterMode/2 differs; |: ±0.0005 G, tv's rounding",
         fontsize=8,
     )
     lim = max(1.0, *(abs(e) for e in errs)) * 1.1
@@ -533,12 +540,22 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="rerun the --models given and merge them into the records already in --out",
     )
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="only print the table and redraw the PNG from the JSON at --out",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.worker:
         return worker_main(args.worker, args.worker_out, args.threads)
+
+    if args.report:
+        records = json.loads(args.out.read_text())["models"]
+        report(records, args.out)
+        return 0
 
     import torch
     import torchvision
@@ -585,13 +602,17 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
 
     write(args.out, records, info, args)
-    plot(records, args.out.with_suffix(".png"))
+    report(records, args.out)
+    return 0
+
+
+def report(records: list[dict[str, Any]], out: Path) -> None:
+    plot(records, out.with_suffix(".png"))
     print()
     print(table(records))
     print()
     print(totals_text(summarize(records)))
-    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
-    return 0
+    print(f"\nwrote {out} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
