@@ -155,7 +155,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
         f"seconds (log), best of {len(records[0]['spectra_true_runs_s'])}, "
         f"{torch.get_num_threads()} threads, 1x3x224x224"
     )
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
