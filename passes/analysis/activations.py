@@ -16,9 +16,8 @@ of batches):
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +35,7 @@ from lrfx.facts import (
     get_node_facts,
     set_graph_facts,
 )
+from lrfx.passes.analysis.shapes import eval_mode
 from lrfx.pipeline import PassContext, graph_pass
 from lrfx.tracing import as_input_tuple
 
@@ -150,17 +150,6 @@ def run_checked(gm: fx.GraphModule, *args: Any) -> Any:
         raise ShapeError(exc.node, exc.target, exc.reason) from exc.__cause__
 
 
-@contextlib.contextmanager
-def _eval(gm: nn.Module) -> Iterator[None]:
-    flags = [(m, m.training) for m in gm.modules()]
-    gm.train(False)
-    try:
-        yield
-    finally:
-        for m, f in flags:
-            m.training = f
-
-
 @graph_pass(requires=["layers"], provides=["input_stats"])
 def collect_input_stats(gm: fx.GraphModule, ctx: PassContext) -> Mapping[str, InputStats]:
     """Accumulate ``X X^T`` of every factorable module's inputs over calibration batches.
@@ -190,7 +179,7 @@ def collect_input_stats(gm: fx.GraphModule, ctx: PassContext) -> Mapping[str, In
             handles.append(m.register_forward_pre_hook(_hook(layer, stats[layer.name])))
     n_batches = 0
     try:
-        with _eval(gm), torch.no_grad():
+        with eval_mode(gm), torch.no_grad():
             for batch in batches:
                 run_checked(gm, *as_input_tuple(batch, "calibration batch"))
                 n_batches += 1
