@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import lrfx
-from lrfx.data import load_fashion_mnist
+from lrfx.contrib.data import load_fashion_mnist
 from lrfx.passes.analysis.activations import collect_input_stats, whitened_spectra
 from lrfx.passes.rewrite import factorize
 

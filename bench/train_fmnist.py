@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrfx.data import load_fashion_mnist
-from lrfx.zoo import resnet20, vgg_small
+from lrfx.contrib.data import load_fashion_mnist
+from lrfx.contrib.zoo import resnet20, vgg_small
 
 ROOT = Path(__file__).resolve().parent
 VGG_CONFIG = (32, 32, "M", 64, 64, "M", 128, 128, "M")

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lrfx
-from lrfx.data import load_digits_tensors
+from lrfx.contrib.data import load_digits_tensors
 
 torch.manual_seed(0)
 x, y = load_digits_tensors()

@@ -1,6 +1,16 @@
 """lrfx: low-rank compression of PyTorch models as graph-rewriting passes on torch.fx.
 
-The public API lives here; everything else is an implementation module.
+The public API lives here; everything else is an implementation module. Names are imported on
+first use, so ``import lrfx.plan`` (say) loads the core it needs and nothing above it.
+
+Layers, bottom to top (a test keeps the rule):
+
+* **core** — ``errors``, ``cost``, ``decompositions``, ``schemes``, ``modules``, ``facts``,
+  ``plan``, ``pipeline``, ``report``, ``analysis``, ``tracing``, ``io``, ``progress``: never
+  imports the passes;
+* **passes** — ``lrfx.passes.analysis``, ``.allocation``, ``.rewrite``: import the core;
+* **API, tools** — ``lrfx.api`` (analyze, allocate, apply, compress, load), ``lrfx.cli``,
+  ``lrfx.contrib``: import both.
 
 Example:
     >>> import torch, torchvision, lrfx
@@ -9,65 +19,114 @@ Example:
     1814073344
 """
 
-from lrfx.analysis import Analysis, LayerRecord, analyze, count_macs, run_analysis
-from lrfx.compress import CompressionReport, allocate, compress, recalibrate_bn
-from lrfx.cost import ConvGeometry, Cost, LinearGeometry, dense_cost, factored_cost
-from lrfx.errors import (
-    BudgetInfeasibleError,
-    LrfxError,
-    PassError,
-    PipelineError,
-    PlanMismatchError,
-    ShapeError,
-    TraceError,
-    UnsupportedLayerError,
-)
-from lrfx.facts import GraphFacts, LayerFacts, NodeFacts, Spectrum
-from lrfx.io import export, load, save
-from lrfx.pipeline import GraphPass, PassContext, Pipeline, graph_pass
-from lrfx.plan import LayerPlan, RankPlan
-from lrfx.rewriting import apply
-from lrfx.tracing import trace
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "Analysis",
-    "BudgetInfeasibleError",
-    "ConvGeometry",
-    "CompressionReport",
-    "Cost",
-    "GraphFacts",
-    "GraphPass",
-    "LayerFacts",
-    "LayerPlan",
-    "LayerRecord",
-    "LinearGeometry",
-    "LrfxError",
-    "NodeFacts",
-    "PassContext",
-    "PassError",
-    "Pipeline",
-    "PipelineError",
-    "PlanMismatchError",
-    "RankPlan",
-    "ShapeError",
-    "Spectrum",
-    "TraceError",
-    "UnsupportedLayerError",
-    "__version__",
-    "allocate",
-    "analyze",
-    "apply",
-    "compress",
-    "count_macs",
-    "dense_cost",
-    "export",
-    "factored_cost",
-    "graph_pass",
-    "load",
-    "recalibrate_bn",
-    "run_analysis",
-    "save",
-    "trace",
-]
+from lrfx._version import __version__
+
+if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs
+    from lrfx.analysis import Analysis, LayerRecord
+    from lrfx.api import (
+        allocate,
+        analyze,
+        apply,
+        compress,
+        count_macs,
+        load,
+        recalibrate_bn,
+        run_analysis,
+        validate_plan,
+    )
+    from lrfx.cost import ConvGeometry, Cost, LinearGeometry, dense_cost
+    from lrfx.errors import (
+        BudgetInfeasibleError,
+        LrfxError,
+        PassError,
+        PipelineError,
+        PlanMismatchError,
+        SchemeError,
+        ShapeError,
+        TraceError,
+        UnsupportedLayerError,
+    )
+    from lrfx.facts import GraphFacts, LayerFacts, NodeFacts, Spectrum
+    from lrfx.io import export, save
+    from lrfx.pipeline import (
+        GraphPass,
+        PassContext,
+        Pipeline,
+        graph_pass,
+        invalidate,
+        mark_weights_changed,
+    )
+    from lrfx.plan import LayerPlan, PlanEntry, RankPlan
+    from lrfx.report import CompressionReport, RewriteRecord
+    from lrfx.schemes import Scheme, factored_cost, get_scheme, register_scheme, scheme_names
+    from lrfx.tracing import trace
+
+_EXPORTS: dict[str, str] = {
+    "Analysis": "lrfx.analysis",
+    "LayerRecord": "lrfx.analysis",
+    "allocate": "lrfx.api",
+    "analyze": "lrfx.api",
+    "apply": "lrfx.api",
+    "compress": "lrfx.api",
+    "count_macs": "lrfx.api",
+    "load": "lrfx.api",
+    "recalibrate_bn": "lrfx.api",
+    "run_analysis": "lrfx.api",
+    "validate_plan": "lrfx.api",
+    "ConvGeometry": "lrfx.cost",
+    "Cost": "lrfx.cost",
+    "LinearGeometry": "lrfx.cost",
+    "dense_cost": "lrfx.cost",
+    "BudgetInfeasibleError": "lrfx.errors",
+    "LrfxError": "lrfx.errors",
+    "PassError": "lrfx.errors",
+    "PipelineError": "lrfx.errors",
+    "PlanMismatchError": "lrfx.errors",
+    "SchemeError": "lrfx.errors",
+    "ShapeError": "lrfx.errors",
+    "TraceError": "lrfx.errors",
+    "UnsupportedLayerError": "lrfx.errors",
+    "GraphFacts": "lrfx.facts",
+    "LayerFacts": "lrfx.facts",
+    "NodeFacts": "lrfx.facts",
+    "Spectrum": "lrfx.facts",
+    "export": "lrfx.io",
+    "save": "lrfx.io",
+    "GraphPass": "lrfx.pipeline",
+    "PassContext": "lrfx.pipeline",
+    "Pipeline": "lrfx.pipeline",
+    "graph_pass": "lrfx.pipeline",
+    "invalidate": "lrfx.pipeline",
+    "mark_weights_changed": "lrfx.pipeline",
+    "LayerPlan": "lrfx.plan",
+    "PlanEntry": "lrfx.plan",
+    "RankPlan": "lrfx.plan",
+    "CompressionReport": "lrfx.report",
+    "RewriteRecord": "lrfx.report",
+    "Scheme": "lrfx.schemes",
+    "factored_cost": "lrfx.schemes",
+    "get_scheme": "lrfx.schemes",
+    "register_scheme": "lrfx.schemes",
+    "scheme_names": "lrfx.schemes",
+    "trace": "lrfx.tracing",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lrfx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -1,4 +1,8 @@
-"""One-call analysis of a model: per-layer MACs, parameters and spectra.
+"""The result of analysis as data: one :class:`LayerRecord` per layer, totals, leaves.
+
+:class:`Analysis` is built from the facts the analysis passes wrote on a graph
+(:meth:`Analysis.from_graph`); :func:`lrfx.analyze` is the one call that traces, runs the passes
+and returns it.
 
 Example:
     >>> import torch, torchvision, lrfx
@@ -11,27 +15,21 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import fx, nn
+from torch import fx
 
-from lrfx.cost import Geometry, max_rank
-from lrfx.facts import (
-    SCHEME_UNFOLDINGS,
-    FrozenMap,
-    LayerFacts,
-    LeafInfo,
-    Spectrum,
-    get_graph_facts,
-)
+from lrfx.cost import Geometry
+from lrfx.errors import SchemeError
+from lrfx.facts import FrozenMap, LayerFacts, LeafInfo, Spectrum, get_graph_facts
 from lrfx.facts import get_node_facts as _node_facts
-from lrfx.pipeline import GraphPass, PassContext, Pipeline
-from lrfx.tracing import as_input_tuple, check_module, trace
+from lrfx.schemes import get_scheme
 
-__all__ = ["ENERGY_LEVELS", "Analysis", "LayerRecord", "analyze", "count_macs", "run_analysis"]
+__all__ = ["ENERGY_LEVELS", "Analysis", "LayerRecord"]
 
 #: Energy levels reported by tables and JSON.
 ENERGY_LEVELS = (0.90, 0.95, 0.99)
@@ -75,7 +73,7 @@ class LayerRecord:
 
     def max_rank(self, scheme: str) -> int | tuple[int, ...]:
         """Largest rank of ``scheme`` (a pair for tucker2)."""
-        r = max_rank(self.calls[0], scheme)
+        r = get_scheme(scheme).max_rank(self.calls[0])
         return r[0] if len(r) == 1 else r
 
     def rank_at_energy(self, scheme: str, e: float) -> int | tuple[int, ...]:
@@ -84,7 +82,10 @@ class LayerRecord:
         Raises:
             KeyError: No spectrum for this scheme (not applicable, or spectra not computed).
         """
-        units = SCHEME_UNFOLDINGS.get(scheme, ())
+        try:
+            units = get_scheme(scheme).unfoldings
+        except SchemeError:
+            units = ()
         if not units or any(u not in self.spectra for u in units):
             raise KeyError(f"layer {self.name!r} has no spectrum for scheme {scheme!r}")
         ranks = tuple(self.spectra[u].rank_at_energy(e) for u in units)
@@ -117,7 +118,8 @@ class LayerRecord:
             d["rank_at_energy"] = {
                 s: {f"{e:g}": self.rank_at_energy(s, e) for e in ENERGY_LEVELS}
                 for s in self.schemes
-                if s in SCHEME_UNFOLDINGS
+                if get_scheme(s).unfoldings and all(u in self.spectra
+                                                    for u in get_scheme(s).unfoldings)
             }
             if spectra:
                 d["singular_values"] = {u: sp.values.tolist() for u, sp in self.spectra.items()}
@@ -144,14 +146,19 @@ class Analysis:
     leaves: tuple[LeafInfo, ...] = ()
     model: str = ""
 
+    @functools.cached_property
+    def _index(self) -> dict[str, LayerRecord]:
+        return {layer.name: layer for layer in self.layers}
+
     def __getitem__(self, name: str) -> LayerRecord:
-        for layer in self.layers:
-            if layer.name == name:
-                return layer
-        raise KeyError(f"no layer named {name!r}; layers are: {', '.join(self.names[:20])}...")
+        try:
+            return self._index[name]
+        except KeyError:
+            raise KeyError(f"no layer named {name!r}; layers are: "
+                           f"{', '.join(self.names[:20])}...") from None
 
     def __contains__(self, name: object) -> bool:
-        return any(layer.name == name for layer in self.layers)
+        return name in self._index
 
     def __iter__(self) -> Iterator[LayerRecord]:
         return iter(self.layers)
@@ -263,65 +270,3 @@ class Analysis:
         for leaf in self.leaves:
             lines.append(f"leaf module {leaf.name} ({leaf.type}): {leaf.reason}")
         return "\n".join(lines)
-
-
-def _analysis_passes(spectra: bool) -> list[GraphPass[Any]]:
-    from lrfx.passes.analysis import annotate_costs, compute_spectra, propagate_shapes
-
-    passes: list[GraphPass[Any]] = [propagate_shapes, annotate_costs]
-    if spectra:
-        passes.append(compute_spectra)
-    return passes
-
-
-def run_analysis(
-    gm: fx.GraphModule, example_inputs: Any, *, spectra: bool = True, progress: bool = False
-) -> Analysis:
-    """Run the analysis passes on an already traced graph module; returns the :class:`Analysis`.
-
-    Example:
-        >>> import torch, torchvision, lrfx
-        >>> gm = lrfx.trace(torchvision.models.resnet18())
-        >>> lrfx.run_analysis(gm, torch.randn(1, 3, 224, 224), spectra=False).total_macs
-        1814073344
-    """
-    ctx = PassContext(example_inputs=as_input_tuple(example_inputs), progress=progress)
-    Pipeline(_analysis_passes(spectra)).run(gm, ctx)
-    return Analysis.from_graph(gm)
-
-
-def analyze(
-    model: nn.Module,
-    example_inputs: Any,
-    *,
-    spectra: bool = True,
-    progress: bool = False,
-    leaf_modules: Sequence[type[nn.Module] | str] = (),
-) -> Analysis:
-    """Trace ``model`` and report per-layer MACs, parameters and singular-value spectra.
-
-    Args:
-        model: Any ``nn.Module``; it is not modified.
-        example_inputs: A tensor or a tuple of positional inputs.
-        spectra: Also compute the singular values of every factorable layer.
-        progress: Show a progress bar while computing spectra.
-        leaf_modules: Module types or qualified names to keep as leaves.
-
-    Returns:
-        An :class:`Analysis`; ``print(a.table())`` shows it, ``a.to_json()`` serializes it.
-    """
-    check_module(model)
-    inputs = as_input_tuple(example_inputs)
-    gm = trace(model, leaf_modules=leaf_modules)
-    return run_analysis(gm, inputs, spectra=spectra, progress=progress)
-
-
-def count_macs(model: nn.Module, example_inputs: Any) -> int:
-    """Total multiply-accumulates of ``model`` at the given input (conv, linear, matmul-like).
-
-    Example:
-        >>> import torch, torchvision, lrfx
-        >>> lrfx.count_macs(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
-        1814073344
-    """
-    return analyze(model, example_inputs, spectra=False).total_macs

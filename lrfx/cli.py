@@ -12,7 +12,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,8 @@ examples:
 def _analyze(args: argparse.Namespace) -> int:
     import torch
 
-    from lrfx.analysis import analyze
-    from lrfx.models import load_model, parse_input_spec
+    from lrfx.api import analyze
+    from lrfx.contrib.models import load_model, parse_input_spec
 
     model, default_shape = load_model(args.model)
     if args.input:
@@ -61,7 +61,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _inputs_for(model_spec: str, shapes: Sequence[str] | None, default: Any) -> tuple[Any, ...]:
-    from lrfx.models import parse_input_spec
+    from lrfx.contrib.models import parse_input_spec
 
     if shapes:
         return tuple(parse_input_spec(s) for s in shapes)
@@ -72,22 +72,22 @@ def _inputs_for(model_spec: str, shapes: Sequence[str] | None, default: Any) -> 
 
 
 def _apply(args: argparse.Namespace) -> int:
+    from lrfx.api import apply, as_plan
+    from lrfx.contrib.models import load_model
     from lrfx.io import save
-    from lrfx.models import load_model
-    from lrfx.rewriting import apply, as_plan
 
     model, default_shape = load_model(args.model)
     inputs = _inputs_for(args.model, args.input, default_shape)
     plan = as_plan(args.plan)
     gm = apply(model, plan, inputs)
     out = save(gm, args.output, model_spec=args.model)
-    extra = gm.meta["lrfx"].extra
-    _print_report(extra["report"], extra["macs_before"], extra["macs_after"])
+    report = gm.meta["lrfx"].report
+    _print_report(report, report.macs_before, report.macs_after)
     print(f"wrote {out}/ (plan.json, weights.safetensors, manifest.json, model_code.py)")
     return 0
 
 
-def _print_report(report: Sequence[dict[str, Any]], before: int, after: int) -> None:
+def _print_report(report: Iterable[Mapping[str, Any]], before: int, after: int) -> None:
     cols = ["layer", "scheme", "rank", "macs_before", "macs_after"]
     rows = [[str(r[c]) if c in ("layer", "scheme", "rank") else f"{r[c]:,}" for c in cols]
             for r in report]
@@ -101,8 +101,9 @@ def _print_report(report: Sequence[dict[str, Any]], before: int, after: int) -> 
 
 
 def _export(args: argparse.Namespace) -> int:
-    from lrfx.io import export, load, read_manifest
-    from lrfx.models import load_model
+    from lrfx.api import load
+    from lrfx.contrib.models import load_model
+    from lrfx.io import export, read_manifest
 
     manifest = read_manifest(args.directory)
     spec = args.model or manifest.get("model")
@@ -124,7 +125,7 @@ def _calibration(spec: str, n: int, batch_size: int = 128) -> list[Any]:
     """Calibration batches from ``fashion-mnist``, ``digits`` or a saved tensor (``PATH``)."""
     import torch
 
-    from lrfx.data import load_digits_tensors, load_fashion_mnist
+    from lrfx.contrib.data import load_digits_tensors, load_fashion_mnist
 
     if spec == "fashion-mnist":
         x, _ = load_fashion_mnist("train")
@@ -146,9 +147,9 @@ def _calibration(spec: str, n: int, batch_size: int = 128) -> list[Any]:
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from lrfx.compress import compress
+    from lrfx.api import compress
+    from lrfx.contrib.models import load_model
     from lrfx.io import export, save
-    from lrfx.models import load_model
 
     model, default_shape = load_model(args.model)
     inputs = _inputs_for(args.model, args.input, default_shape)
@@ -165,7 +166,7 @@ def _compress(args: argparse.Namespace) -> int:
     out = save(gm, args.output, model_spec=args.model)
     suffix = {"pt2": "pt2", "onnx": "onnx", "torchscript": "ts", "python": "py"}[args.format]
     export(gm, out / f"model.{suffix}", inputs, format=args.format)
-    report = gm.meta["lrfx"].extra["report"]
+    report = gm.meta["lrfx"].report
     (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     print(report.table())
     print(f"wrote {out}/ (plan.json, weights.safetensors, model.{suffix}, report.json, "

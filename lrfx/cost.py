@@ -1,11 +1,15 @@
-"""The one cost model: multiply-accumulates and parameters of dense and factored layers.
+"""The one cost model: multiply-accumulates and parameters of every layer lrfx reasons about.
 
 Every MAC or parameter count in lrfx comes from here: the analysis passes, the allocators, the
 reports and the tests. MACs are multiply-accumulates of conv, linear and matmul-like ops at the
 traced input shape (batch included); BN, bias, activations and pooling are not counted, which is
 how the seed papers count. Parameter counts of a layer include its bias.
 
-The formulas for the factored layers are those of ``shared/algorithms.md`` section 0.
+A factored layer is priced the same way as a dense one: a decomposition scheme
+(:mod:`lrfx.schemes`) describes its factored form as a short list of :class:`Piece` layers
+(``shared/algorithms.md`` section 0), and :func:`pieces_cost` adds up their dense costs. The
+modules lrfx builds are made from the very same pieces, so a predicted cost cannot drift from
+what runs.
 
 Example:
     >>> g = ConvGeometry(in_channels=64, out_channels=64, kernel=(3, 3), in_spatial=(56, 56),
@@ -21,27 +25,23 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 __all__ = [
-    "SCHEMES",
     "ConvGeometry",
     "Cost",
     "LinearGeometry",
-    "applicable_schemes",
+    "Piece",
     "bmm_macs",
-    "break_even_rank",
     "dense_cost",
     "einsum_macs",
-    "factored_cost",
     "matmul_macs",
-    "max_rank",
     "mha_macs",
+    "piece_geometry",
+    "pieces_cost",
     "sdpa_macs",
     "window_attention_macs",
 ]
-
-#: Decomposition schemes lrfx knows, by name.
-SCHEMES: tuple[str, ...] = ("svd", "channel", "spatial", "tucker2", "cp")
 
 
 def _prod(xs: Sequence[int]) -> int:
@@ -79,6 +79,10 @@ class LinearGeometry:
     def weight_shape(self) -> tuple[int, ...]:
         return (self.out_features, self.in_features)
 
+    @property
+    def kind(self) -> str:
+        return "linear"
+
 
 @dataclass(frozen=True)
 class ConvGeometry:
@@ -90,11 +94,13 @@ class ConvGeometry:
         kernel: Kernel size per spatial dim, ``(kh, kw)`` for Conv2d.
         in_spatial: Input spatial size, ``(H, W)`` for Conv2d.
         out_spatial: Output spatial size, ``(H', W')`` for Conv2d.
-        stride, padding, dilation: As in ``nn.Conv2d`` (padding as ints per dim).
+        stride, padding, dilation: As in ``nn.Conv2d`` (padding as ints per dim, or ``"same"`` /
+            ``"valid"``). Empty when unknown; the cost does not depend on them.
         groups: Number of groups.
         batch: Batch size of the traced input.
         bias: Whether the layer has a bias.
         transposed: A ``ConvTranspose`` layer (counted, never factored).
+        padding_mode: As in ``nn.Conv2d`` (``zeros``, ``reflect``, ``replicate``, ``circular``).
     """
 
     in_channels: int
@@ -103,12 +109,13 @@ class ConvGeometry:
     in_spatial: tuple[int, ...]
     out_spatial: tuple[int, ...]
     stride: tuple[int, ...] = field(default=())
-    padding: tuple[int, ...] = field(default=())
+    padding: tuple[int, ...] | str = field(default=())
     dilation: tuple[int, ...] = field(default=())
     groups: int = 1
     batch: int = 1
     bias: bool = True
     transposed: bool = False
+    padding_mode: str = "zeros"
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -121,9 +128,18 @@ class ConvGeometry:
         return self.groups > 1 and self.groups == self.in_channels
 
     @property
+    def dims(self) -> int:
+        return len(self.kernel)
+
+    @property
     def positions(self) -> int:
         """Output positions over the whole batch: ``batch * H' * W'``."""
         return self.batch * _prod(self.out_spatial)
+
+    @property
+    def kind(self) -> str:
+        base = "conv_transpose" if self.transposed else "conv"
+        return f"{base}{len(self.kernel)}d"
 
 
 Geometry = LinearGeometry | ConvGeometry
@@ -145,117 +161,66 @@ def dense_cost(g: Geometry) -> Cost:
     return Cost(macs, params)
 
 
-def applicable_schemes(g: Geometry) -> tuple[str, ...]:
-    """The decomposition schemes that apply to a layer of this geometry (may be empty)."""
-    if isinstance(g, LinearGeometry):
-        return ("svd",)
-    if g.transposed or g.depthwise:
-        return ()
-    if g.groups > 1:
-        return ("channel",)  # factored per group (block diagonal)
-    if len(g.kernel) == 2:
-        spatial_kernel = g.kernel[0] > 1 or g.kernel[1] > 1
-        return ("channel", "spatial", "tucker2", "cp") if spatial_kernel else ("channel", "tucker2")
-    return ("channel",)
+# --- factored layers as pieces --------------------------------------------------------------------
+
+#: Where a piece's output lives: at the layer's input size, its output size, or (for the vertical
+#: half of a split 2-D conv) the output height at the input width.
+Resolution = Literal["in", "out", "mid"]
 
 
-def max_rank(g: Geometry, scheme: str) -> tuple[int, ...]:
-    """Largest meaningful rank(s) of a scheme on this layer (one int per rank of the scheme).
+@dataclass(frozen=True)
+class Piece:
+    """One ordinary layer of a factored subgraph (see :mod:`lrfx.schemes`).
 
-    At these ranks the factorization reproduces the layer exactly (cp excepted: its bound is the
-    generic upper bound on tensor rank).
+    A conv piece carries everything needed to build it; ``at`` says at which spatial size its
+    output lives, which is all the cost model needs besides channels and kernel.
+
+    Attributes:
+        in_channels, out_channels: Channels (features, for a linear piece).
+        kernel: Kernel size (``()`` for a linear piece).
+        stride, padding, dilation, padding_mode: Convolution arguments (defaults: none).
+        groups: Groups of the conv.
+        at: ``in``, ``out`` or ``mid`` (see :data:`Resolution`).
+        bias: Whether this piece carries the layer's bias (only ever the last one).
     """
-    _check_scheme(g, scheme)
+
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, ...] = ()
+    stride: Any = 1
+    padding: Any = 0
+    dilation: Any = 1
+    groups: int = 1
+    padding_mode: str = "zeros"
+    at: Resolution = "out"
+    bias: bool = False
+
+    @property
+    def linear(self) -> bool:
+        return not self.kernel
+
+
+def piece_geometry(g: Geometry, p: Piece) -> Geometry:
+    """The geometry of one piece of a factored ``g`` (for :func:`dense_cost`)."""
     if isinstance(g, LinearGeometry):
-        return (min(g.in_features, g.out_features),)
-    n, c, k = g.out_channels, g.in_channels, _prod(g.kernel)
-    if scheme == "channel":
-        return (min(n // g.groups, (c // g.groups) * k),)
-    kh, kw = g.kernel
-    if scheme == "spatial":
-        return (min(c * kh, n * kw),)
-    if scheme == "tucker2":
-        return (min(c, n * k), min(n, c * k))
-    # cp: tensor rank of an (n, c, kh, kw) tensor is at most the product of all dims but the largest
-    dims = sorted((n, c, kh, kw))
-    return (dims[0] * dims[1] * dims[2],)
+        return LinearGeometry(p.in_channels, p.out_channels, rows=g.rows, bias=p.bias)
+    if p.at == "in":
+        out = g.in_spatial
+    elif p.at == "out":
+        out = g.out_spatial
+    else:  # vertical half of a split 2-D conv: output height, input width
+        out = (g.out_spatial[0], *g.in_spatial[1:])
+    # the input size of a piece does not enter its (non-transposed) cost
+    return ConvGeometry(p.in_channels, p.out_channels, p.kernel, out, out, groups=p.groups,
+                        batch=g.batch, bias=p.bias)
 
 
-def factored_cost(g: Geometry, scheme: str, rank: int | Sequence[int]) -> Cost:
-    """MACs and parameters of a layer factored with ``scheme`` at ``rank``.
-
-    Args:
-        g: The layer's geometry.
-        scheme: One of :data:`SCHEMES` that applies to the layer.
-        rank: An int, or for ``tucker2`` a pair ``(r_in, r_out)`` (an int means both).
-
-    Returns:
-        The cost of the factored subgraph, bias included.
-    """
-    _check_scheme(g, scheme)
-    ranks = (rank,) if isinstance(rank, int) else tuple(int(r) for r in rank)
-    if isinstance(g, LinearGeometry):
-        (r,) = ranks
-        params = r * (g.in_features + g.out_features) + (g.out_features if g.bias else 0)
-        return Cost(g.rows * r * (g.in_features + g.out_features), params)
-    bias = g.out_channels if g.bias else 0
-    n, c, k, pos = g.out_channels, g.in_channels, _prod(g.kernel), g.positions
-    if scheme == "channel":
-        (r,) = ranks
-        gr = g.groups
-        per = r * ((c // gr) * k + n // gr)
-        return Cost(gr * per * pos, gr * per + bias)
-    kh, kw = g.kernel
-    h_out = g.out_spatial[0]
-    w_in = g.in_spatial[1]
-    if scheme == "spatial":
-        (r,) = ranks
-        macs = g.batch * (r * c * kh * h_out * w_in) + pos * n * r * kw
-        return Cost(macs, r * (c * kh + n * kw) + bias)
-    if scheme == "tucker2":
-        r_in, r_out = (ranks[0], ranks[0]) if len(ranks) == 1 else ranks
-        macs = g.batch * c * r_in * _prod(g.in_spatial) + pos * (r_in * r_out * k + r_out * n)
-        return Cost(macs, c * r_in + r_in * r_out * k + r_out * n + bias)
-    # cp: 1x1 (C->R) at input size, depthwise (kh,1) to (H', W_in), depthwise (1,kw), 1x1 (R->N)
-    (r,) = ranks
-    macs = g.batch * (c * r * _prod(g.in_spatial) + r * kh * h_out * w_in) + pos * r * (kw + n)
-    return Cost(macs, r * (c + kh + kw + n) + bias)
-
-
-def break_even_rank(g: Geometry, scheme: str) -> int:
-    """Smallest rank at which the factored layer costs at least as many MACs as the dense one.
-
-    A plan keeps a layer dense at this rank or above. For ``tucker2`` the rank is the common
-    value ``r_in = r_out`` scaled by the layer's ``(C, N)`` aspect; it is reported as ``r_out``.
-    """
-    dense = dense_cost(g).macs
-    hi = max(max_rank(g, scheme))
-    lo = 1
-    if _cost_at(g, scheme, hi) < dense:
-        return hi + 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if _cost_at(g, scheme, mid) >= dense:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
-
-
-def _cost_at(g: Geometry, scheme: str, r: int) -> int:
-    if scheme == "tucker2":
-        assert isinstance(g, ConvGeometry)
-        r_in = max(1, round(r * g.in_channels / g.out_channels))
-        return factored_cost(g, scheme, (min(r_in, max_rank(g, scheme)[0]), r)).macs
-    return factored_cost(g, scheme, r).macs
-
-
-def _check_scheme(g: Geometry, scheme: str) -> None:
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
-    if scheme not in applicable_schemes(g):
-        kind = "linear" if isinstance(g, LinearGeometry) else f"conv{len(g.kernel)}d"
-        raise ValueError(f"scheme {scheme!r} does not apply to this {kind} layer")
+def pieces_cost(g: Geometry, pieces: Sequence[Piece]) -> Cost:
+    """MACs and parameters of a factored layer: the sum of its pieces' dense costs."""
+    total = Cost(0, 0)
+    for p in pieces:
+        total = total + dense_cost(piece_geometry(g, p))
+    return total
 
 
 # --- matmul-like ops -----------------------------------------------------------------------------
@@ -394,3 +359,15 @@ def _broadcast(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
     b = (1,) * (n - len(b)) + tuple(b)
     return tuple(max(x, y) for x, y in zip(a, b, strict=True))
 
+
+# The per-scheme questions (does a scheme apply, its maximum rank, its factored cost, its
+# break-even rank) are answered by the scheme registry; these names stay importable from here.
+_FROM_SCHEMES = ("SCHEMES", "applicable_schemes", "break_even_rank", "factored_cost", "max_rank")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_SCHEMES:
+        from lrfx import schemes
+
+        return getattr(schemes, name)
+    raise AttributeError(f"module 'lrfx.cost' has no attribute {name!r}")

@@ -12,6 +12,7 @@ __all__ = [
     "PassError",
     "PipelineError",
     "PlanMismatchError",
+    "SchemeError",
     "ShapeError",
     "TraceError",
     "UnsupportedLayerError",
@@ -90,3 +91,7 @@ class UnsupportedLayerError(LrfxError):
 
 class BudgetInfeasibleError(LrfxError):
     """No plan can meet the requested budget."""
+
+
+class SchemeError(LrfxError, ValueError):
+    """An unknown decomposition scheme, or one asked of a layer it does not apply to."""

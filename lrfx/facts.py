@@ -1,8 +1,14 @@
 """Typed facts that analysis passes write onto the graph.
 
 Per node, ``node.meta["lrfx"]`` holds one frozen :class:`NodeFacts`; per graph module,
-``gm.meta["lrfx"]`` holds one frozen :class:`GraphFacts`. Shapes stay where torch puts them,
-in ``node.meta["tensor_meta"]``. Nothing is ever attached to ``Node`` objects themselves.
+``gm.meta["lrfx"]`` holds one frozen :class:`GraphFacts` whose fields are typed (no free-form
+dictionaries). Shapes stay where torch puts them, in ``node.meta["tensor_meta"]``. Nothing is
+ever attached to ``Node`` objects themselves.
+
+Facts know when they are stale: a pass that mutates the graph declares what it invalidates and
+the pipeline drops it (see :mod:`lrfx.pipeline`); spectra record the :class:`WeightStamp` of the
+weight they were computed from, and :func:`lrfx.mark_weights_changed` tells lrfx that weights
+changed in ways torch cannot see.
 """
 
 from __future__ import annotations
@@ -10,22 +16,32 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx
 
 from lrfx.cost import ConvGeometry, Cost, Geometry, LinearGeometry
+from lrfx.decompositions import Spectrum, WeightStamp
+from lrfx.errors import SchemeError
+from lrfx.schemes import get_scheme, scheme_names
+
+if TYPE_CHECKING:
+    from lrfx.plan import RankPlan
+    from lrfx.report import CompressionReport, RewriteRecord
 
 __all__ = [
     "META_KEY",
-    "FrozenMap",
     "SCHEME_UNFOLDINGS",
+    "FrozenMap",
     "GraphFacts",
+    "InputStats",
     "LayerFacts",
+    "LeafCall",
     "LeafInfo",
     "NodeFacts",
     "Spectrum",
+    "WeightStamp",
     "get_graph_facts",
     "get_node_facts",
     "set_graph_facts",
@@ -59,59 +75,25 @@ class FrozenMap(Mapping[Any, Any]):
     def __reduce__(self) -> tuple[Any, ...]:
         return (FrozenMap, (self._data,))
 
-#: Which matrix unfoldings' spectra rank a scheme; tucker2 has two ranks, ``(r_in, r_out)``.
-SCHEME_UNFOLDINGS: Mapping[str, tuple[str, ...]] = FrozenMap(
-    {
-        "svd": ("rows",),
-        "channel": ("channel",),
-        "spatial": ("spatial",),
-        "tucker2": ("mode1", "channel"),
-    }
-)
+
+class _SchemeUnfoldings(Mapping[str, tuple[str, ...]]):
+    """Which unfoldings' spectra rank each scheme, read live from the scheme registry."""
+
+    def __getitem__(self, scheme: str) -> tuple[str, ...]:
+        try:
+            return get_scheme(scheme).unfoldings
+        except SchemeError:
+            raise KeyError(scheme) from None
+
+    def __iter__(self) -> Any:
+        return iter(scheme_names())
+
+    def __len__(self) -> int:
+        return len(scheme_names())
 
 
-@dataclass(frozen=True, eq=False)
-class Spectrum:
-    """Singular values of one unfolding of a weight.
-
-    Attributes:
-        values: ``(groups, k)`` float64 tensor, each row sorted descending (one row per group;
-            ungrouped layers have one row).
-    """
-
-    values: torch.Tensor
-
-    @property
-    def groups(self) -> int:
-        return int(self.values.shape[0])
-
-    @property
-    def max_rank(self) -> int:
-        return int(self.values.shape[1])
-
-    def energy(self) -> torch.Tensor:
-        """Cumulative energy ``sum_{i<=k} s_i^2 / sum_i s_i^2`` per group, shape ``(groups, k)``."""
-        sq = self.values.square()
-        total = sq.sum(dim=1, keepdim=True).clamp_min(torch.finfo(sq.dtype).tiny)
-        return sq.cumsum(dim=1) / total
-
-    def rank_at_energy(self, e: float) -> int:
-        """Smallest ``k`` whose energy reaches ``e`` (the largest over groups).
-
-        Example:
-            >>> Spectrum(torch.tensor([[3.0, 1.0, 0.0]])).rank_at_energy(0.9)
-            1
-        """
-        if not 0.0 < e <= 1.0:
-            raise ValueError(f"energy threshold must be in (0, 1], got {e}")
-        en = self.energy()
-        # tolerance: at e = 1 the cumulative sum may fall short by rounding
-        ranks = (en < e - 1e-12).sum(dim=1) + 1
-        return int(ranks.clamp(max=self.max_rank).max())
-
-    def rank_at_value(self, threshold: float) -> int:
-        """Number of singular values ``>= threshold`` (the largest over groups), at least 1."""
-        return max(1, int((self.values >= threshold).sum(dim=1).max()))
+#: Which matrix unfoldings' spectra rank a scheme (a live view of the scheme registry).
+SCHEME_UNFOLDINGS: Mapping[str, tuple[str, ...]] = _SchemeUnfoldings()
 
 
 @dataclass(frozen=True)
@@ -191,25 +173,82 @@ class LeafInfo:
 
 
 @dataclass(frozen=True)
+class LeafCall:
+    """One call of a layer inside a leaf module, seen by a forward hook."""
+
+    name: str
+    input_shapes: tuple[tuple[int, ...], ...]
+    output_shape: tuple[int, ...]
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass
+class InputStats:
+    """Gram matrices of one layer's inputs: ``grams[unfolding]`` is ``(groups, d, d)``.
+
+    Attributes:
+        grams: Accumulated ``X X^T`` per unfolding (``rows``, ``channel``, ``spatial``).
+        count: Number of input rows (linear) or patches (conv) accumulated.
+    """
+
+    grams: dict[str, torch.Tensor]
+    count: int = 0
+
+
+@dataclass(frozen=True)
 class GraphFacts:
-    """The record stored in ``gm.meta["lrfx"]``.
+    """The record stored in ``gm.meta["lrfx"]``: typed module-level facts.
 
     Attributes:
         leaves: Submodules that became leaves because they could not be traced.
         input_shapes: Shapes of the example inputs used by shape propagation.
-        provided: Names of the facts the passes run so far provide.
+        provided: Names of the facts the passes run so far provide (and that are still valid).
         total_params: Parameter count of the whole module.
-        extra: Pass-specific module-level facts (read-only mapping).
+        leaf_calls: Per leaf node, the calls of the layers found inside it by hooks.
+        leaf_macs: Per leaf node, its total MACs as ``FlopCounterMode`` measured them.
+        input_stats: Per layer, the Gram matrices of its inputs on calibration data.
+        plan: The (resolved) plan the graph was rewritten with.
+        report: Before/after figures of the rewrite (same type for apply and compress).
+        rewrites: What the rewrite did to each layer.
+        weights_version: Bumped by :func:`lrfx.mark_weights_changed`; spectra computed at an
+            older version are stale.
     """
 
     leaves: tuple[LeafInfo, ...] = ()
     input_shapes: tuple[tuple[int, ...], ...] = ()
     provided: frozenset[str] = frozenset()
     total_params: int = 0
-    extra: Mapping[str, Any] = field(default_factory=lambda: FrozenMap({}))
+    leaf_calls: Mapping[str, tuple[LeafCall, ...]] = field(default_factory=lambda: FrozenMap())
+    leaf_macs: Mapping[str, int] = field(default_factory=lambda: FrozenMap())
+    input_stats: Mapping[str, InputStats] | None = None
+    plan: RankPlan | None = None
+    report: CompressionReport | None = None
+    rewrites: tuple[RewriteRecord, ...] = ()
+    weights_version: int = 0
 
     def replace(self, **changes: Any) -> GraphFacts:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def extra(self) -> Mapping[str, Any]:
+        """The typed fields under their former ``extra`` keys (read-only; kept for scripts
+        written against lrfx 0.1: ``extra["plan"]``, ``extra["report"]``...)."""
+        out: dict[str, Any] = {
+            "inner_calls": self.leaf_calls,
+            "leaf_macs": self.leaf_macs,
+            "input_shapes": self.input_shapes,
+        }
+        if self.input_stats is not None:
+            out["input_stats"] = self.input_stats
+        if self.plan is not None:
+            out["plan"] = self.plan
+        if self.report is not None:
+            out["report"] = self.report
+            out["macs_before"] = self.report.macs_before
+            out["macs_after"] = self.report.macs_after
+        if self.rewrites:
+            out["rewrites"] = self.rewrites
+        return FrozenMap(out)
 
 
 def get_node_facts(node: fx.Node) -> NodeFacts | None:
@@ -232,10 +271,16 @@ def set_graph_facts(gm: fx.GraphModule, facts: GraphFacts) -> None:
     gm.meta[META_KEY] = facts
 
 
+def update_graph_facts(gm: fx.GraphModule, **changes: Any) -> GraphFacts:
+    """Replace some fields of the module-level facts; returns the new record."""
+    facts = get_graph_facts(gm).replace(**changes)
+    set_graph_facts(gm, facts)
+    return facts
+
+
 def geometry_kind(g: Geometry) -> str:
     """``linear``, ``conv2d``, ``conv_transpose2d``... for a geometry."""
     if isinstance(g, LinearGeometry):
         return "linear"
     assert isinstance(g, ConvGeometry)
-    base = "conv_transpose" if g.transposed else "conv"
-    return f"{base}{len(g.kernel)}d"
+    return g.kind

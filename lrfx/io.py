@@ -3,8 +3,8 @@
 :func:`save` writes a directory with no pickled classes: ``plan.json`` (the resolved plan),
 ``weights.safetensors`` (every parameter and buffer), ``manifest.json`` (input shapes, the model
 spec when known, the lrfx version) and ``model_code.py`` (the readable Python of the rewritten
-graph). :func:`load` rebuilds the graph from the original architecture plus the plan and loads
-the weights. :func:`export` writes ``pt2`` (torch.export), ``onnx``, ``torchscript`` or
+graph). :func:`lrfx.load` rebuilds the graph from the original architecture plus the plan and
+loads the weights. :func:`export` writes ``pt2`` (torch.export), ``onnx``, ``torchscript`` or
 ``python``.
 """
 
@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import fx
 
+from lrfx._version import __version__
 from lrfx.errors import LrfxError
 from lrfx.facts import get_graph_facts
 from lrfx.plan import RankPlan
-from lrfx.tracing import as_input_tuple, check_module
+from lrfx.tracing import as_input_tuple
 
-__all__ = ["EXPORT_FORMATS", "export", "load", "read_manifest", "save"]
+__all__ = ["EXPORT_FORMATS", "export", "read_manifest", "save"]
 
 EXPORT_FORMATS = ("pt2", "onnx", "torchscript", "python")
 
@@ -35,7 +35,7 @@ CODE_FILE = "model_code.py"
 
 
 def _plan_of(gm: fx.GraphModule) -> RankPlan:
-    plan = get_graph_facts(gm).extra.get("plan")
+    plan = get_graph_facts(gm).plan
     if not isinstance(plan, RankPlan):
         raise LrfxError("this graph module was not produced by lrfx.apply / lrfx.compress (it "
                         "carries no plan in gm.meta['lrfx']); rewrite the model with lrfx first")
@@ -61,23 +61,21 @@ def save(gm: fx.GraphModule, path: str | Path, *, model_spec: str | None = None)
     """
     from safetensors.torch import save_model
 
-    import lrfx
-
     plan = _plan_of(gm)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     (out / PLAN_FILE).write_text(plan.to_json() + "\n")
     save_model(gm, str(out / WEIGHTS_FILE))
     facts = get_graph_facts(gm)
-    shapes = facts.extra.get("input_shapes", facts.input_shapes)
+    report = facts.report
     manifest = {
         "format": "lrfx.saved",
-        "lrfx_version": lrfx.__version__,
+        "lrfx_version": __version__,
         "model": model_spec,
         "model_class": type(gm).__name__,
-        "input_shapes": [list(s) for s in shapes],
-        "macs_before": facts.extra.get("macs_before"),
-        "macs_after": facts.extra.get("macs_after"),
+        "input_shapes": [list(s) for s in facts.input_shapes],
+        "macs_before": None if report is None else report.macs_before,
+        "macs_after": None if report is None else report.macs_after,
     }
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     (out / CODE_FILE).write_text(gm.code)
@@ -92,41 +90,6 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
                         "write one with lrfx.save or `lrfx apply ... -o DIR`")
     data: dict[str, Any] = json.loads(f.read_text())
     return data
-
-
-def load(
-    path: str | Path,
-    model: nn.Module,
-    example_inputs: Any,
-    *,
-    leaf_modules: Sequence[type[nn.Module] | str] = (),
-) -> fx.GraphModule:
-    """Rebuild a saved rewrite: apply the saved plan to ``model``, then load the saved weights.
-
-    Args:
-        path: A directory written by :func:`save`.
-        model: The original (dense) architecture; its weights are replaced by the saved ones.
-        example_inputs: Inputs of the shapes the model was rewritten at.
-
-    Returns:
-        A graph module whose outputs equal those of the one that was saved.
-    """
-    from safetensors.torch import load_model
-
-    from lrfx.rewriting import apply
-
-    check_module(model)
-    d = Path(path)
-    read_manifest(d)
-    plan = RankPlan.from_json((d / PLAN_FILE).read_text())
-    gm = apply(model, plan, example_inputs, leaf_modules=leaf_modules)
-    missing, unexpected = load_model(gm, str(d / WEIGHTS_FILE), strict=False)
-    if missing or unexpected:
-        raise LrfxError(
-            f"the weights in {str(d)!r} do not fit the rebuilt model (missing: {missing[:5]}, "
-            f"unexpected: {unexpected[:5]}); pass the same architecture the plan was made for"
-        )
-    return gm
 
 
 def export(

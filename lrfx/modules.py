@@ -18,6 +18,10 @@ cp         ``L.0`` Conv 1x1 (C -> R), ``L.1`` depthwise (kh, 1), ``L.2`` depthwi
            ``L.3`` Conv 1x1 (R -> N, bias)
 =========  =====================================================================
 
+The layout of each scheme (which layers, in which order, with which arguments) is owned by its
+registry entry (:mod:`lrfx.schemes`); :func:`build_factored` turns a layout into modules, with
+given factor weights or uninitialized ones (to be filled from a checkpoint).
+
 ``nn.MultiheadAttention`` is replaced by :class:`LowRankMultiheadAttention`, whose ``q_proj``,
 ``k_proj``, ``v_proj`` and ``out_proj`` are ``nn.Linear`` or :class:`Factored`.
 """
@@ -25,23 +29,26 @@ cp         ``L.0`` Conv 1x1 (C -> R), ``L.1`` depthwise (kh, 1), ``L.2`` depthwi
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrfx import decompositions as dec
-from lrfx.errors import UnsupportedLayerError
+from lrfx.cost import ConvGeometry, Geometry, LinearGeometry, Piece
+from lrfx.decompositions import check_finite
+from lrfx.errors import SchemeError, UnsupportedLayerError
+from lrfx.schemes import Rank, get_scheme
 
 __all__ = [
     "ConvSpec",
     "Factored",
     "LowRankMultiheadAttention",
+    "build_factored",
     "factor_conv",
     "factor_linear",
+    "geometry_of_spec",
 ]
 
 _CONV_CLS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -62,6 +69,66 @@ class Factored(nn.Sequential):
 
     def extra_repr(self) -> str:
         return f"scheme={self.scheme!r}, rank={self.rank}"
+
+
+def _piece_module(p: Piece) -> nn.Module:
+    if p.linear:
+        return nn.Linear(p.in_channels, p.out_channels, bias=p.bias, device="meta")
+    return _CONV_CLS[len(p.kernel)](
+        p.in_channels, p.out_channels, p.kernel, stride=p.stride, padding=p.padding,
+        dilation=p.dilation, groups=p.groups, bias=p.bias, padding_mode=p.padding_mode,
+        device="meta",
+    )
+
+
+def build_factored(
+    pieces: Sequence[Piece],
+    *,
+    scheme: str,
+    rank: Rank,
+    weights: Sequence[torch.Tensor] | None = None,
+    bias: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    requires_grad: bool = True,
+) -> Factored:
+    """Build the modules of a factored layer from its layout.
+
+    Args:
+        pieces: The layout (``get_scheme(s).layout(geometry, rank)``).
+        scheme, rank: Recorded on the :class:`Factored` container.
+        weights: One weight per piece (any dtype/device; cast to ``dtype``/``device``), or
+            ``None`` for uninitialized weights to be loaded from a checkpoint.
+        bias: The dense layer's bias, copied onto the last piece (which must declare one).
+        dtype, device, requires_grad: Of the new parameters.
+    """
+    if weights is not None and len(weights) != len(pieces):
+        raise ValueError(f"{len(pieces)} pieces but {len(weights)} weights")
+    layers = []
+    for i, p in enumerate(pieces):
+        m = _piece_module(p)
+        shape = tuple(m.get_parameter("weight").shape)
+        if weights is None:
+            w = torch.empty(shape, dtype=dtype, device=device)
+        else:
+            if tuple(weights[i].shape) != shape:
+                raise ValueError(f"piece {i}: weight of shape {tuple(weights[i].shape)}, the "
+                                 f"layout needs {shape}")
+            # always a fresh, contiguous tensor: factors must not be views into a workspace
+            w = weights[i].detach().to(dtype=dtype, device=device).clone(
+                memory_format=torch.contiguous_format)
+        m.weight = nn.Parameter(w, requires_grad=requires_grad)
+        if p.bias:
+            if bias is not None:
+                b = bias.detach().to(device=device).clone()
+                m.bias = nn.Parameter(b, requires_grad=bias.requires_grad)
+            elif weights is None:
+                m.bias = nn.Parameter(torch.empty(p.out_channels, dtype=dtype, device=device),
+                                      requires_grad=requires_grad)
+            else:
+                raise ValueError("the layout's last piece carries the layer's bias: pass bias=")
+        layers.append(m)
+    return Factored(*layers, scheme=scheme, rank=rank)
 
 
 @dataclass(frozen=True)
@@ -87,15 +154,30 @@ class ConvSpec:
         return self.weight.dim() - 2
 
 
-def _param(t: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
-    # always a fresh, contiguous tensor: factors must not be views into the SVD's workspace
-    data = t.to(dtype=like.dtype, device=like.device).clone(memory_format=torch.contiguous_format)
-    return nn.Parameter(data, requires_grad=like.requires_grad)
+def geometry_of_spec(spec: ConvSpec) -> ConvGeometry:
+    """A (size-less) geometry of a conv spec: enough to check schemes and build layouts."""
+    n, cg, *k = spec.weight.shape
+    padding = spec.padding if isinstance(spec.padding, str) else tuple(spec.padding)
+    return ConvGeometry(cg * spec.groups, n, tuple(k), (), (), tuple(spec.stride), padding,
+                        tuple(spec.dilation), spec.groups, bias=spec.bias is not None,
+                        padding_mode=spec.padding_mode)
 
 
-def _copy_bias(layer: nn.Module, bias: torch.Tensor | None) -> None:
-    if bias is not None:
-        layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+def _factor(g: Geometry, weight: torch.Tensor, bias: torch.Tensor | None, scheme: str,
+            rank: Rank, name: str, whiten: torch.Tensor | None) -> Factored:
+    try:
+        s = get_scheme(scheme)
+        s.check(g)
+        ranks = s.ranks(rank)
+    except SchemeError as exc:
+        raise UnsupportedLayerError(name, str(exc)) from None
+    check_finite(weight, name)
+    unit = s.unfoldings[0] if s.unfoldings else ""
+    ws = s.factors(weight, g, ranks, whiten=None if whiten is None else {unit: whiten})
+    plan_rank: Rank = ranks if s.n_ranks > 1 else ranks[0]
+    return build_factored(s.layout(g, ranks), scheme=scheme, rank=plan_rank, weights=ws,
+                          bias=bias, dtype=weight.dtype, device=weight.device,
+                          requires_grad=weight.requires_grad)
 
 
 def factor_linear(
@@ -117,22 +199,9 @@ def factor_linear(
         >>> bool(torch.allclose(f(x), lin(x), atol=1e-5))
         True
     """
-    dec.check_finite(weight, name)
     m, n = weight.shape
-    first, second = dec.linear_factors(weight, rank, whiten)
-    a = nn.Linear(n, rank, bias=False, device="meta")
-    b = nn.Linear(rank, m, bias=bias is not None, device="meta")
-    a.weight = _param(first, weight)
-    b.weight = _param(second, weight)
-    _copy_bias(b, bias)
-    return Factored(a, b, scheme="svd", rank=rank)
-
-
-def _conv(dims: int, c: int, n: int, kernel: tuple[int, ...], *, stride: Any = 1,
-          padding: Any = 0, dilation: Any = 1, groups: int = 1, padding_mode: str = "zeros"
-          ) -> nn.Module:
-    return _CONV_CLS[dims](c, n, kernel, stride=stride, padding=padding, dilation=dilation,
-                           groups=groups, bias=False, padding_mode=padding_mode, device="meta")
+    return _factor(LinearGeometry(n, m, bias=bias is not None), weight, bias, "svd", rank, name,
+                   whiten)
 
 
 def factor_conv(
@@ -142,7 +211,7 @@ def factor_conv(
     name: str = "conv",
     whiten: torch.Tensor | None = None,
 ) -> Factored:
-    """Factor a convolution with ``scheme`` at ``rank`` (see the module docstring for layouts).
+    """Factor a convolution with ``scheme`` at ``rank`` (see :mod:`lrfx.schemes` for layouts).
 
     ``whiten``: for ``channel`` / ``spatial``, the Cholesky factor of the input patches' Gram
     matrix (see :mod:`lrfx.passes.analysis.activations`); ignored by tucker2 and cp.
@@ -154,74 +223,12 @@ def factor_conv(
         >>> bool(torch.allclose(f(x), conv(x), atol=1e-5))
         True
     """
-    w, dims = spec.weight, spec.dims
-    dec.check_finite(w, name)
-    n, cg = w.shape[:2]
-    k = tuple(w.shape[2:])
-    c = cg * spec.groups
-    pm = spec.padding_mode
-    if scheme == "channel":
-        assert isinstance(rank, int)
-        g = spec.groups
-        first, second = dec.channel_factors(w, rank, g, whiten)
-        a = _conv(dims, c, g * rank, k, stride=spec.stride, padding=spec.padding,
-                  dilation=spec.dilation, groups=g, padding_mode=pm)
-        b = _conv(dims, g * rank, n, (1,) * dims, groups=g)
-        layers = [a, b]
-        weights = [first, second]
-    elif scheme in ("spatial", "cp", "tucker2") and (dims != 2 or spec.groups != 1):
-        raise UnsupportedLayerError(name, f"scheme {scheme!r} needs an ungrouped Conv2d")
-    elif scheme == "spatial":
-        assert isinstance(rank, int)
-        (sh, sw), (dh, dw) = spec.stride, spec.dilation
-        pad_h, pad_w = _split_padding(spec.padding)
-        vertical, horizontal = dec.spatial_factors(w, rank, whiten)
-        a = _conv(2, c, rank, (k[0], 1), stride=(sh, 1), padding=pad_h, dilation=(dh, 1),
-                  padding_mode=pm)
-        b = _conv(2, rank, n, (1, k[1]), stride=(1, sw), padding=pad_w, dilation=(1, dw),
-                  padding_mode=pm)
-        layers, weights = [a, b], [vertical, horizontal]
-    elif scheme == "tucker2":
-        r_in, r_out = rank if isinstance(rank, tuple) else (rank, rank)
-        first, core, last = dec.tucker2_factors(w, (r_in, r_out))
-        layers = [
-            _conv(2, c, r_in, (1, 1)),
-            _conv(2, r_in, r_out, k, stride=spec.stride, padding=spec.padding,
-                  dilation=spec.dilation, padding_mode=pm),
-            _conv(2, r_out, n, (1, 1)),
-        ]
-        weights = [first, core, last]
-    elif scheme == "cp":
-        assert isinstance(rank, int)
-        (sh, sw), (dh, dw) = spec.stride, spec.dilation
-        pad_h, pad_w = _split_padding(spec.padding)
-        first, vertical, horizontal, last = dec.cp_factors(w, rank)
-        layers = [
-            _conv(2, c, rank, (1, 1)),
-            _conv(2, rank, rank, (k[0], 1), stride=(sh, 1), padding=pad_h, dilation=(dh, 1),
-                  groups=rank, padding_mode=pm),
-            _conv(2, rank, rank, (1, k[1]), stride=(1, sw), padding=pad_w, dilation=(1, dw),
-                  groups=rank, padding_mode=pm),
-            _conv(2, rank, n, (1, 1)),
-        ]
-        weights = [first, vertical, horizontal, last]
-    else:
-        raise UnsupportedLayerError(name, f"scheme {scheme!r} does not apply to a convolution")
-    for layer, weight in zip(layers, weights, strict=True):
-        layer.weight = _param(weight, w)
-    if spec.bias is not None:
-        last_layer = layers[-1]
-        last_layer.bias = nn.Parameter(spec.bias.detach().clone(),
-                                       requires_grad=spec.bias.requires_grad)
-    return Factored(*layers, scheme=scheme, rank=rank)
+    return _factor(geometry_of_spec(spec), spec.weight, spec.bias, scheme, rank, name, whiten)
 
 
-def _split_padding(padding: tuple[int, ...] | str) -> tuple[Any, Any]:
-    """Height and width padding of the two 1-D convs of a split 2-D conv."""
-    if isinstance(padding, str):
-        return padding, padding  # "same"/"valid" apply per dim, so they split exactly
-    ph, pw = padding
-    return (ph, 0), (0, pw)
+def _copy_bias(layer: nn.Module, bias: torch.Tensor | None) -> None:
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
 
 
 class LowRankMultiheadAttention(nn.Module):

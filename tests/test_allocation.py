@@ -16,6 +16,7 @@ import torch
 from _rewrite_models import small_cnn
 
 import lrfx
+from lrfx.contrib.zoo import resnet20
 from lrfx.cost import break_even_rank
 from lrfx.passes.allocation import (
     Budget,
@@ -30,7 +31,6 @@ from lrfx.passes.allocation import (
     make_budget,
 )
 from lrfx.passes.allocation import allocators as allocators_mod
-from lrfx.zoo import resnet20
 
 ALLOCATORS = ("lc", "energy", "global_sigma", "uniform")
 FRACTIONS = (0.7, 0.5, 0.3)
@@ -105,7 +105,9 @@ def test_lc_at_the_full_budget_keeps_everything_dense() -> None:
 
 
 def test_lc_thinned_frontier_is_flagged_and_still_fits(monkeypatch: pytest.MonkeyPatch) -> None:
-    rng = random.Random(99)
+    # an instance whose Lagrangian gap is wide enough that bound pruning leaves frontiers of more
+    # than 3 points (the bound prunes most instances down to a handful)
+    rng = random.Random(0)
     options = [o for _ in range(3) for o in _random_options(rng)]
     options = [LayerOptions(f"x{i}", o.candidates, {}) for i, o in enumerate(options)]
     hi = sum(o.dense.cost for o in options)

@@ -13,7 +13,7 @@ from torch import nn
 
 import lrfx
 from lrfx.cli import main
-from lrfx.data import batches, load_digits_tensors
+from lrfx.contrib.data import batches, load_digits_tensors
 from lrfx.modules import Factored
 
 N_TRAIN = 1400

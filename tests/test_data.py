@@ -1,4 +1,4 @@
-"""``lrfx.data``: Fashion-MNIST IDX files (written here, tiny) and scikit-learn's digits."""
+"""``lrfx.contrib.data``: Fashion-MNIST IDX files (written here, tiny) and scikit-learn's digits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lrfx
-from lrfx.data import (
+from lrfx.contrib.data import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
     batches,

@@ -18,6 +18,7 @@ from torch import fx, nn
 
 import lrfx
 from lrfx.modules import Factored
+from lrfx.plan import FORMAT_VERSION
 
 PLAN = {
     "conv1": lrfx.LayerPlan("spatial", 3),
@@ -84,7 +85,7 @@ def test_saved_plan_is_the_resolved_rank_plan(trained: fx.GraphModule, tmp_path:
     out = lrfx.save(trained, tmp_path)
     text = (out / "plan.json").read_text()
     data = json.loads(text)
-    assert data["format"] == "lrfx.RankPlan" and data["version"] == 1
+    assert data["format"] == "lrfx.RankPlan" and data["version"] == FORMAT_VERSION
     plan = lrfx.RankPlan.from_json(text)
     assert plan == trained.meta["lrfx"].extra["plan"]
     assert {k: (lp.scheme, lp.rank) for k, lp in plan.items()} == {

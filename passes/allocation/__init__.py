@@ -15,10 +15,13 @@ from lrfx.passes.allocation.candidates import (
     Budget,
     Candidate,
     LayerOptions,
+    allocatable_schemes,
     build_options,
+    check_budget,
     check_reachable,
     cost_of,
     make_budget,
+    resolve_schemes,
 )
 
 __all__ = [
@@ -27,15 +30,18 @@ __all__ = [
     "Budget",
     "Candidate",
     "LayerOptions",
+    "allocatable_schemes",
     "allocate_energy",
     "allocate_global_sigma",
     "allocate_lc",
     "allocate_uniform",
     "build_options",
+    "check_budget",
     "check_reachable",
     "cost_of",
     "fill_budget",
     "make_budget",
     "prefer_best_scheme",
+    "resolve_schemes",
     "to_plan",
 ]

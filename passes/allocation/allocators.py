@@ -8,17 +8,18 @@ into a :class:`~lrfx.RankPlan` with :func:`to_plan`.
 * :func:`allocate_global_sigma` — Decomposable-Net: pool every layer's singular values, keep the
   top fraction ``rho`` (``rank_min`` per layer), bisect ``rho`` to meet the budget.
 * :func:`allocate_lc` — the LC C step for a budget: minimize the summed error subject to the
-  cost, solved as a multiple-choice knapsack (exact Pareto-frontier dynamic programming; the
-  Lagrangian multiplier of the C step is reported too).
+  cost, solved exactly as a multiple-choice knapsack (see its docstring).
 * :func:`allocate_uniform` — the same kept fraction of the maximum rank in every layer.
 
 Budgets are met from below; bisection leaves discrete gaps, which :func:`fill_budget` closes
 greedily (best error reduction per unit of cost) until the plan uses the budget within 0.5 %.
+All of them work on the options' arrays; candidates become objects only at the end.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,9 +30,9 @@ from lrfx.passes.allocation.candidates import (
     Candidate,
     LayerOptions,
     check_reachable,
-    cost_of,
 )
 from lrfx.plan import LayerPlan, RankPlan
+from lrfx.schemes import get_scheme
 
 __all__ = [
     "ALLOCATORS",
@@ -46,30 +47,42 @@ __all__ = [
 
 Choice = dict[str, Candidate]
 
-#: The unfolding whose singular values rank a scheme in the rank rules (tucker2: its r_out).
-_RANKING_UNIT = {"svd": "rows", "channel": "channel", "spatial": "spatial", "tucker2": "channel"}
-
 #: Largest Pareto frontier the exact knapsack keeps; beyond it the frontier is thinned (and the
 #: result flagged as not proven optimal).
 MAX_FRONTIER = 4_000
 
 
-def _primary(o: LayerOptions) -> list[Candidate]:
-    """Candidates of the layer's first factored scheme (in rank order)."""
-    factored = [c for c in o.candidates if c.scheme != "dense"]
-    if not factored:
-        return []
-    first = factored[0].scheme
-    return [c for c in factored if c.scheme == first]
+def _choice(options: Sequence[LayerOptions], idx: Sequence[int] | np.ndarray) -> Choice:
+    return {o.name: o.candidate(int(i)) for o, i in zip(options, idx, strict=True)}
+
+
+def _indices(options: Sequence[LayerOptions], choice: Mapping[str, Candidate]) -> np.ndarray:
+    return np.array([o.index_of(choice[o.name]) for o in options], dtype=np.int64)
+
+
+def _total(options: Sequence[LayerOptions], idx: np.ndarray, attr: str = "cost") -> float:
+    return float(sum(getattr(o, attr)[i] for o, i in zip(options, idx, strict=True)))
+
+
+def _primary(o: LayerOptions) -> np.ndarray:
+    """Indices of the layer's first factored scheme's candidates (in rank order)."""
+    if len(o) < 2:
+        return np.zeros(0, dtype=np.int64)
+    return o.scheme_indices(o.scheme_of(1))
+
+
+def _ranking_unit(scheme: str) -> str:
+    """The spectrum whose values rank a scheme's main rank (its last unfolding)."""
+    return get_scheme(scheme).unfoldings[-1]
 
 
 def _bisect(
-    make: Callable[[float], Choice], fixed: int, budget: Budget, lo: float = 0.0, hi: float = 1.0,
-    steps: int = 60,
-) -> tuple[Choice, float]:
+    make: Callable[[float], np.ndarray], options: Sequence[LayerOptions], fixed: int,
+    budget: Budget, lo: float = 0.0, hi: float = 1.0, steps: int = 60,
+) -> tuple[np.ndarray, float]:
     """Largest parameter in [lo, hi] whose choice fits the budget (cost is nondecreasing in it)."""
     best = make(lo)
-    floor = cost_of(best, fixed)
+    floor = fixed + int(_total(options, best))
     if floor > budget.target:
         raise BudgetInfeasibleError(
             f"a {budget.metric} budget of {budget.target:,} ({budget.fraction:.3f} of "
@@ -78,17 +91,40 @@ def _bisect(
             "raise the budget or use allocator='lc', which considers every scheme and rank"
         )
     top = make(hi)
-    if cost_of(top, fixed) <= budget.target:
+    if fixed + _total(options, top) <= budget.target:
         return top, hi
     best_t = lo
     for _ in range(steps):
         mid = (lo + hi) / 2
-        choice = make(mid)
-        if cost_of(choice, fixed) <= budget.target:
-            lo, best, best_t = mid, choice, mid
+        idx = make(mid)
+        if fixed + _total(options, idx) <= budget.target:
+            lo, best, best_t = mid, idx, mid
         else:
             hi = mid
     return best, best_t
+
+
+def _fill(options: Sequence[LayerOptions], idx: np.ndarray, fixed: int, budget: Budget,
+          slack: float = 0.005) -> np.ndarray:
+    idx = idx.copy()
+    while True:
+        left = budget.target - fixed - _total(options, idx)
+        if left <= slack * budget.target:
+            return idx
+        best: tuple[float, int, int] | None = None
+        for li, o in enumerate(options):
+            extra = o.cost - o.cost[idx[li]]
+            gain = o.error[idx[li]] - o.error
+            ok = (extra > 0) & (extra <= left) & (gain > 0)
+            if not ok.any():
+                continue
+            ratio = np.where(ok, gain / np.where(ok, extra, 1), -np.inf)
+            j = int(np.argmax(ratio))
+            if best is None or ratio[j] > best[0]:
+                best = (float(ratio[j]), li, j)
+        if best is None:
+            return idx
+        idx[best[1]] = best[2]
 
 
 def fill_budget(choice: Choice, options: Sequence[LayerOptions], fixed: int, budget: Budget,
@@ -97,24 +133,8 @@ def fill_budget(choice: Choice, options: Sequence[LayerOptions], fixed: int, bud
 
     Stops once the plan is within ``slack`` of the target or nothing else fits.
     """
-    choice = dict(choice)
-    by_name = {o.name: o for o in options}
-    while True:
-        left = budget.target - cost_of(choice, fixed)
-        if left <= slack * budget.target:
-            return choice
-        best: tuple[float, str, Candidate] | None = None
-        for name, cur in choice.items():
-            for c in by_name[name].candidates:
-                extra = c.cost - cur.cost
-                gain = cur.error - c.error
-                if 0 < extra <= left and gain > 0:
-                    ratio = gain / extra
-                    if best is None or ratio > best[0]:
-                        best = (ratio, name, c)
-        if best is None:
-            return choice
-        choice[best[1]] = best[2]
+    idx = _fill(options, _indices(options, choice), fixed, budget, slack)
+    return _choice(options, idx)
 
 
 def prefer_best_scheme(choice: Choice, options: Sequence[LayerOptions]) -> Choice:
@@ -138,36 +158,31 @@ def allocate_energy(
     With a ``budget``, ``e`` is bisected to the largest value that fits. ``value`` switches to the
     deploy-time rule (keep singular values ``>= value``). A rank past break-even means dense.
     """
-    def at_energy(e: float) -> Choice:
-        out: Choice = {}
-        for o in options:
-            cands = _primary(o)
-            pick = next((c for c in cands if 1.0 - c.error >= e - 1e-12), None)
-            out[o.name] = pick or o.dense
+    prim = [_primary(o) for o in options]
+
+    def at_energy(e: float) -> np.ndarray:
+        out = np.zeros(len(options), dtype=np.int64)
+        for li, (o, p) in enumerate(zip(options, prim, strict=True)):
+            ok = np.flatnonzero(1.0 - o.error[p] >= e - 1e-12)
+            out[li] = p[ok[0]] if len(ok) else 0
         return out
 
     if value is not None:
-        out: Choice = {}
-        for o in options:
-            cands = _primary(o)
-            if not cands:
-                out[o.name] = o.dense
+        out = np.zeros(len(options), dtype=np.int64)
+        for li, (o, p) in enumerate(zip(options, prim, strict=True)):
+            if len(p) == 0:
                 continue
-            unit = _RANKING_UNIT[cands[0].scheme]
-            r = o.spectra[unit].rank_at_value(value)
-            out[o.name] = next((c for c in cands if _r(c) == r), o.dense)
-        return out, {"value": value}
+            r = o.spectra[_ranking_unit(o.scheme_of(p[0]))].rank_at_value(value)
+            hit = np.flatnonzero(o.main_ranks(p) == r)
+            out[li] = p[hit[0]] if len(hit) else 0
+        return _choice(options, out), {"value": value}
     if budget is None:
         if not 0.0 < energy <= 1.0:
             raise LrfxError(f"energy must be in (0, 1], got {energy}")
-        return at_energy(energy), {"energy": energy}
+        return _choice(options, at_energy(energy)), {"energy": energy}
     check_reachable(options, fixed, budget)
-    choice, e = _bisect(at_energy, fixed, budget)
-    return choice, {"energy": e}
-
-
-def _r(c: Candidate) -> int:
-    return c.rank[1] if isinstance(c.rank, tuple) else int(c.rank or 0)
+    idx, e = _bisect(at_energy, options, fixed, budget)
+    return _choice(options, idx), {"energy": e}
 
 
 def allocate_global_sigma(
@@ -183,33 +198,34 @@ def allocate_global_sigma(
     bisected to meet the budget.
     """
     check_reachable(options, fixed, budget)
-    pooled: list[float] = []
-    per_layer: dict[str, tuple[list[Candidate], np.ndarray]] = {}
+    per_layer: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = []
+    pooled = []
     for o in options:
-        cands = _primary(o)
-        if not cands:
+        p = _primary(o)
+        if len(p) == 0:
+            per_layer.append(None)
             continue
-        unit = _RANKING_UNIT[cands[0].scheme]
+        unit = _ranking_unit(o.scheme_of(p[0]))
         vals = o.spectra[unit].values.max(dim=0).values.numpy()  # widest group decides
-        per_layer[o.name] = (cands, vals)
-        pooled.extend(vals.tolist())
-    ordered = np.sort(np.asarray(pooled))[::-1]
+        per_layer.append((p, o.main_ranks(p), vals))
+        pooled.append(vals)
+    ordered = np.sort(np.concatenate(pooled) if pooled else np.zeros(0))[::-1]
 
-    def at_ratio(rho: float) -> Choice:
+    def at_ratio(rho: float) -> np.ndarray:
         k = round(rho * len(ordered))
         threshold = ordered[k - 1] if k >= 1 else np.inf
-        out: Choice = {}
-        for o in options:
-            if o.name not in per_layer:
-                out[o.name] = o.dense
+        out = np.zeros(len(options), dtype=np.int64)
+        for li, entry in enumerate(per_layer):
+            if entry is None:
                 continue
-            cands, vals = per_layer[o.name]
+            p, main, vals = entry
             r = max(rank_min, int((vals >= threshold).sum()))
-            out[o.name] = next((c for c in cands if _r(c) >= r), o.dense)
+            ok = np.flatnonzero(main >= r)
+            out[li] = p[ok[0]] if len(ok) else 0
         return out
 
-    choice, rho = _bisect(at_ratio, fixed, budget)
-    return choice, {"rho": rho, "rank_min": rank_min}
+    idx, rho = _bisect(at_ratio, options, fixed, budget)
+    return _choice(options, idx), {"rho": rho, "rank_min": rank_min}
 
 
 def allocate_uniform(
@@ -217,85 +233,194 @@ def allocate_uniform(
 ) -> tuple[Choice, dict[str, Any]]:
     """The baseline: every layer keeps the same fraction of its maximum rank (bisected)."""
     check_reachable(options, fixed, budget)
+    prim: list[tuple[np.ndarray, np.ndarray, int] | None] = []
+    for o in options:
+        p = _primary(o)
+        if len(p) == 0:
+            prim.append(None)
+            continue
+        main = o.main_ranks(p)
+        sp = o.spectra.get(_ranking_unit(o.scheme_of(p[0])))
+        # the max-rank candidate may be past break-even; use the scheme's rank scale
+        full = sp.max_rank if sp is not None else int(main.max())
+        prim.append((p, main, full))
 
-    def at_fraction(f: float) -> Choice:
-        out: Choice = {}
-        for o in options:
-            cands = _primary(o)
-            if not cands:
-                out[o.name] = o.dense
+    def at_fraction(f: float) -> np.ndarray:
+        out = np.zeros(len(options), dtype=np.int64)
+        for li, entry in enumerate(prim):
+            if entry is None:
                 continue
-            limit = max(_r(c) for c in cands)
-            # the max-rank candidate may be past break-even; use the scheme's rank scale
-            r = max(1, round(f * _full_rank(o, limit)))
-            out[o.name] = next((c for c in cands if _r(c) >= r), o.dense)
+            p, main, full = entry
+            r = max(1, round(f * full))
+            ok = np.flatnonzero(main >= r)
+            out[li] = p[ok[0]] if len(ok) else 0
         return out
 
-    choice, f = _bisect(at_fraction, fixed, budget)
-    return choice, {"fraction": f}
+    idx, f = _bisect(at_fraction, options, fixed, budget)
+    return _choice(options, idx), {"fraction": f}
 
 
-def _full_rank(o: LayerOptions, fallback: int) -> int:
-    cands = _primary(o)
-    unit = _RANKING_UNIT[cands[0].scheme]
-    sp = o.spectra.get(unit)
-    return sp.max_rank if sp is not None else fallback
+# --- lc: the exact multiple-choice knapsack -------------------------------------------------------
+
+
+@dataclass
+class _Flat:
+    """Every layer's candidates in one array, each layer's sorted by (cost, error)."""
+
+    cost: np.ndarray     # int64
+    fcost: np.ndarray    # float64 copy
+    error: np.ndarray    # float64
+    layer: np.ndarray    # layer index of each entry
+    local: np.ndarray    # index into the layer's own options
+    start: np.ndarray    # (L + 1,) segment starts
+    count: np.ndarray    # (L,)
+
+    @classmethod
+    def of(cls, options: Sequence[LayerOptions]) -> _Flat:
+        costs, errs, layers, locs = [], [], [], []
+        for li, o in enumerate(options):
+            order = np.lexsort((o.error, o.cost))
+            costs.append(o.cost[order])
+            errs.append(o.error[order])
+            layers.append(np.full(len(order), li, dtype=np.int64))
+            locs.append(order)
+        count = np.array([len(c) for c in costs], dtype=np.int64)
+        start = np.concatenate([[0], np.cumsum(count)])
+        cost = np.concatenate(costs) if costs else np.zeros(0, dtype=np.int64)
+        return cls(cost, cost.astype(np.float64), np.concatenate(errs) if errs else np.zeros(0),
+                   np.concatenate(layers) if layers else np.zeros(0, dtype=np.int64),
+                   np.concatenate(locs) if locs else np.zeros(0, dtype=np.int64), start, count)
+
+    def lagrangian(self, lam: float) -> tuple[np.ndarray, np.ndarray]:
+        """Per layer, the cheapest minimizer of ``error + lam * cost`` (flat index) and the min."""
+        val = self.error + lam * self.fcost
+        mins = np.minimum.reduceat(val, self.start[:-1])
+        at = np.flatnonzero(val <= np.repeat(mins, self.count))
+        _, first = np.unique(self.layer[at], return_index=True)
+        return at[first], mins
 
 
 def allocate_lc(
     options: Sequence[LayerOptions], budget: Budget, fixed: int = 0
 ) -> tuple[Choice, dict[str, Any]]:
-    """Minimize the summed error subject to the budget (the LC C step, solved exactly).
+    """Minimize the summed error subject to the budget (the LC C step), solved exactly.
 
-    Multiple-choice knapsack by dynamic programming over Pareto frontiers of (cost, error):
-    exact unless a frontier grows past :data:`MAX_FRONTIER` points (then thinned evenly in cost,
-    and ``settings["exact"]`` is False). Also reports ``lambda``, the Lagrange multiplier of the
-    budget (the C step's ``alpha / mu`` that gives the same plan on the convex hull).
+    A multiple-choice knapsack, solved in three steps:
+
+    1. **Lagrangian relaxation** (the C step with a shared multiplier): for a multiplier
+       ``lam`` every layer independently takes the candidate minimizing ``error + lam * cost``;
+       ``lam`` is bisected to the smallest value whose choice fits. Any ``lam`` gives a lower
+       bound ``LB`` on the optimum, and the fitting choice, topped up greedily, an upper bound
+       ``UB``.
+    2. **Reduced-cost fixing**: a candidate whose ``error + lam * cost`` exceeds its layer's
+       minimum by more than ``UB - LB`` cannot be in any better solution, so it is dropped.
+       With many fine-grained ranks the gap is tiny and a few candidates per layer remain.
+    3. **Dynamic programming** over Pareto frontiers of (cost, error) on what remains, pruning
+       states whose Lagrangian bound on the rest exceeds ``UB``: exact, unless a frontier grows
+       past :data:`MAX_FRONTIER` points (then it is thinned evenly in cost and
+       ``settings["exact"]`` is False).
+
+    Also reports ``lambda``, the multiplier of the budget: the C step's ``alpha / mu`` that gives
+    the same plan on the convex hull.
     """
     check_reachable(options, fixed, budget)
     cap = budget.target - fixed
-    mins = [min(c.cost for c in o.candidates) for o in options]
-    rest_min = np.cumsum([0, *mins[::-1]])[::-1]  # min cost of layers i.. onwards
+    flat = _Flat.of(options)
+    n_layers = len(options)
+
+    def cost_at(sel: np.ndarray) -> int:
+        return int(flat.cost[sel].sum())
+
+    sel0, _ = flat.lagrangian(0.0)
+    if cost_at(sel0) <= cap:  # the most accurate choice fits
+        return _finish(options, flat, sel0, 0.0, True)
+
+    # 1. bisect lam (log scale) for the smallest value whose choice fits; track the best bound
+    lo, hi = 1e-30, 1.0
+    while cost_at(flat.lagrangian(hi)[0]) > cap:
+        hi *= 16.0
+    best_lb, lb_lam = -np.inf, hi
+    for _ in range(64):
+        mid = float(np.sqrt(lo * hi))
+        sel, mins = flat.lagrangian(mid)
+        lb = float(mins.sum()) - mid * cap
+        if lb > best_lb:
+            best_lb, lb_lam = lb, mid
+        if cost_at(sel) <= cap:
+            hi = mid
+        else:
+            lo = mid
+        if hi / lo < 1 + 1e-12:
+            break
+    sel_hi, mins_hi = flat.lagrangian(hi)
+    lb_hi = float(mins_hi.sum()) - hi * cap
+    if lb_hi > best_lb:
+        best_lb, lb_lam = lb_hi, hi
+    local = flat.local[sel_hi]
+    upper_idx = _fill(options, local, fixed, budget, slack=0.0)
+    upper = _total(options, upper_idx, "error")
+    tol = 1e-9 * max(1.0, abs(upper))
+    if upper - best_lb <= tol:
+        return _finish_local(options, upper_idx, hi, True)
+
+    # 2. reduced-cost fixing at the multiplier of the best bound
+    gap = upper - best_lb
+    val = flat.error + lb_lam * flat.fcost
+    mins = np.minimum.reduceat(val, flat.start[:-1])
+    keep = val - np.repeat(mins, flat.count) <= gap + tol
+    kept = [np.flatnonzero(keep[flat.start[i]:flat.start[i + 1]]) + flat.start[i]
+            for i in range(n_layers)]
+
+    # 3. Pareto DP with Lagrangian bound pruning
+    rest_min = np.zeros(n_layers + 1, dtype=np.int64)  # min cost of layers i.. onwards
+    rest_lag = np.zeros(n_layers + 1)                   # sum of their Lagrangian minima
+    for i in range(n_layers - 1, -1, -1):
+        rest_min[i] = rest_min[i + 1] + int(flat.cost[kept[i]].min())
+        rest_lag[i] = rest_lag[i + 1] + float(mins[i])
     costs = np.zeros(1, dtype=np.int64)
     errs = np.zeros(1)
-    back: list[tuple[np.ndarray, np.ndarray, list[Candidate]]] = []
+    back: list[tuple[np.ndarray, np.ndarray]] = []
     exact = True
-    for i, o in enumerate(options):
-        cands = _pareto(o.candidates)
-        cc = np.array([c.cost for c in cands], dtype=np.int64)
-        ce = np.array([c.error for c in cands])
-        tot_c = (costs[:, None] + cc[None, :]).ravel()
-        tot_e = (errs[:, None] + ce[None, :]).ravel()
-        parent = np.repeat(np.arange(len(costs)), len(cands))
-        pick = np.tile(np.arange(len(cands)), len(costs))
-        ok = tot_c <= cap - rest_min[i + 1]
+    for i in range(n_layers):
+        kc, ke = flat.cost[kept[i]], flat.error[kept[i]]
+        tot_c = (costs[:, None] + kc[None, :]).ravel()
+        tot_e = (errs[:, None] + ke[None, :]).ravel()
+        parent = np.repeat(np.arange(len(costs)), len(kc))
+        pick = np.tile(np.arange(len(kc)), len(costs))
+        bound = tot_e + rest_lag[i + 1] - lb_lam * (cap - tot_c)
+        ok = (tot_c <= cap - rest_min[i + 1]) & (bound <= upper + tol)
         tot_c, tot_e, parent, pick = tot_c[ok], tot_e[ok], parent[ok], pick[ok]
         order = np.lexsort((tot_e, tot_c))
         tot_c, tot_e, parent, pick = tot_c[order], tot_e[order], parent[order], pick[order]
-        keep = _frontier(tot_e)
-        tot_c, tot_e, parent, pick = tot_c[keep], tot_e[keep], parent[keep], pick[keep]
+        front = _frontier(tot_e)
+        tot_c, tot_e, parent, pick = tot_c[front], tot_e[front], parent[front], pick[front]
         if len(tot_c) > MAX_FRONTIER:
             exact = False
-            idx = np.unique(np.linspace(0, len(tot_c) - 1, MAX_FRONTIER).round().astype(int))
-            tot_c, tot_e, parent, pick = tot_c[idx], tot_e[idx], parent[idx], pick[idx]
-        back.append((parent, pick, cands))
+            thin = np.unique(np.linspace(0, len(tot_c) - 1, MAX_FRONTIER).round().astype(int))
+            tot_c, tot_e, parent, pick = tot_c[thin], tot_e[thin], parent[thin], pick[thin]
+        back.append((parent, pick))
         costs, errs = tot_c, tot_e
-    j = int(np.argmin(errs))  # frontier is error-decreasing in cost: the last point, but be safe
-    choice: Choice = {}
-    for o, (parent, pick, cands) in zip(reversed(options), reversed(back), strict=True):
-        choice[o.name] = cands[int(pick[j])]
+    if len(errs) == 0:  # pruning can only empty the frontier through rounding: keep the bound
+        return _finish_local(options, upper_idx, hi, exact)
+    j = int(np.argmin(errs))
+    if float(errs[j]) > upper:
+        return _finish_local(options, upper_idx, hi, exact)
+    sel = np.zeros(n_layers, dtype=np.int64)
+    for i in range(n_layers - 1, -1, -1):
+        parent, pick = back[i]
+        sel[i] = kept[i][int(pick[j])]
         j = int(parent[j])
-    choice = {o.name: choice[o.name] for o in options}
-    return choice, {"exact": exact, "lambda": _multiplier(options, choice)}
+    return _finish(options, flat, sel, hi, exact)
 
 
-def _pareto(cands: Sequence[Candidate]) -> list[Candidate]:
-    """Drop candidates that cost more without lowering the error."""
-    out: list[Candidate] = []
-    for c in sorted(cands, key=lambda c: (c.cost, c.error)):
-        if not out or c.error < out[-1].error:
-            out.append(c)
-    return out
+def _finish(options: Sequence[LayerOptions], flat: _Flat, sel: np.ndarray, lam: float,
+            exact: bool) -> tuple[Choice, dict[str, Any]]:
+    return _finish_local(options, flat.local[sel], lam, exact)
+
+
+def _finish_local(options: Sequence[LayerOptions], local: np.ndarray, lam: float,
+                  exact: bool) -> tuple[Choice, dict[str, Any]]:
+    return _choice(options, local), {"exact": exact, "lambda": float(lam)}
 
 
 def _frontier(errors_sorted_by_cost: np.ndarray) -> np.ndarray:
@@ -305,19 +430,6 @@ def _frontier(errors_sorted_by_cost: np.ndarray) -> np.ndarray:
     running = np.minimum.accumulate(errors_sorted_by_cost)
     prev = np.concatenate([[np.inf], running[:-1]])
     return np.nonzero(errors_sorted_by_cost < prev)[0]
-
-
-def _multiplier(options: Sequence[LayerOptions], choice: Mapping[str, Candidate]) -> float:
-    """A Lagrange multiplier consistent with the choice: the median marginal error per cost."""
-    slopes = []
-    for o in options:
-        cur = choice[o.name]
-        cheaper = [c for c in o.candidates if c.cost < cur.cost]
-        if cheaper:
-            nxt = max(cheaper, key=lambda c: c.cost)
-            if cur.cost > nxt.cost:
-                slopes.append((nxt.error - cur.error) / (cur.cost - nxt.cost))
-    return float(np.median(slopes)) if slopes else 0.0
 
 
 #: Allocators by name: ``fn(options, budget, fixed, **settings) -> (choice, settings)``.

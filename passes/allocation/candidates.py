@@ -1,36 +1,53 @@
 """What every allocator chooses from: per layer, the (cost, error) of each scheme and rank.
 
 Allocators are pure functions of these options and a budget: no model, no graph. A layer's
-options always include ``dense`` (its dense cost, zero error); a factored option is listed only
-below break-even (cheaper than dense). Errors are *relative* squared errors of the layer,
-``sum_{i>r} s_i^2 / sum_i s_i^2`` of the scheme's unfolding: of the weight for plain spectra, of
-the layer's output on calibration data for whitened spectra (so they compare across layers).
-Tucker-2's error is the HOSVD bound, the sum of the two modes' tails.
+options always include ``dense`` (its dense cost, zero error) first; a factored option is listed
+only below break-even (cheaper than dense). Errors are *relative* squared errors of the layer
+(:meth:`lrfx.schemes.Scheme.errors`): of the weight for plain spectra, of the layer's output on
+calibration data for whitened spectra (so they compare across layers).
+
+Options are held as arrays (costs, errors, MACs, params per candidate) built by the scheme
+registry in a few vectorized operations per layer; :class:`Candidate` objects are made only when
+asked for.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from lrfx.cost import Geometry, applicable_schemes, factored_cost, max_rank
+import numpy as np
+
+from lrfx.cost import Geometry, LinearGeometry
+from lrfx.decompositions import Spectrum
 from lrfx.errors import BudgetInfeasibleError, LrfxError
-from lrfx.facts import Spectrum
+from lrfx.schemes import get_scheme, scheme_names
 
 __all__ = [
     "AUTO_SCHEMES",
     "Budget",
     "Candidate",
     "LayerOptions",
+    "allocatable_schemes",
     "build_options",
+    "check_budget",
     "check_reachable",
     "cost_of",
     "make_budget",
+    "resolve_schemes",
 ]
 
-#: Schemes ``scheme="auto"`` chooses among (svd is the only one for Linear layers).
-AUTO_SCHEMES = ("channel", "spatial", "tucker2", "svd")
+
+def allocatable_schemes() -> tuple[str, ...]:
+    """The registered schemes allocators may choose (``cp`` is plan-only)."""
+    return tuple(n for n in scheme_names() if get_scheme(n).allocatable)
+
+
+#: Schemes ``scheme="auto"`` chooses among (the allocatable built-ins).
+AUTO_SCHEMES = allocatable_schemes()
 
 
 @dataclass(frozen=True)
@@ -38,34 +55,154 @@ class Candidate:
     """One way to build a layer: a scheme and rank (or dense), its cost and its error."""
 
     scheme: str
-    rank: int | tuple[int, int] | None
+    rank: int | tuple[int, ...] | None
     cost: int
     error: float
     macs: int
     params: int
 
 
-@dataclass(frozen=True)
-class LayerOptions:
-    """The candidates of one factorable layer; ``candidates[0]`` is dense."""
+def _rank_value(row: np.ndarray) -> int | tuple[int, ...]:
+    return int(row[0]) if len(row) == 1 else tuple(int(r) for r in row)
 
-    name: str
-    candidates: tuple[Candidate, ...]
-    spectra: Mapping[str, Spectrum]
+
+def _main(rank: Any) -> int:
+    return int(rank[-1]) if isinstance(rank, tuple) else int(rank or 0)
+
+
+class LayerOptions:
+    """The candidates of one factorable layer; candidate 0 is dense.
+
+    Built from arrays by :func:`build_options`, or from a sequence of :class:`Candidate`
+    (``LayerOptions(name, candidates, spectra)``, dense first).
+
+    Attributes:
+        name: The layer.
+        spectra: The spectra the errors came from.
+        cost, error, macs, params: Per candidate (int64 / float64 arrays).
+    """
+
+    def __init__(self, name: str, candidates: Sequence[Candidate] = (),
+                 spectra: Mapping[str, Spectrum] | None = None) -> None:
+        self.name = name
+        self.spectra: Mapping[str, Spectrum] = spectra or {}
+        cands = tuple(candidates)
+        if cands and cands[0].scheme != "dense":
+            raise LrfxError(f"layer {name!r}: the first candidate must be dense")
+        self.cost = np.array([c.cost for c in cands], dtype=np.int64)
+        self.error = np.array([c.error for c in cands], dtype=np.float64)
+        self.macs = np.array([c.macs for c in cands], dtype=np.int64)
+        self.params = np.array([c.params for c in cands], dtype=np.int64)
+        # (scheme, first index, ranks (n, n_ranks) or a list of ranks) per run of one scheme
+        self._blocks: list[tuple[str, int, Any]] = []
+        for i, c in enumerate(cands[1:], start=1):
+            if self._blocks and self._blocks[-1][0] == c.scheme:
+                self._blocks[-1][2].append(c.rank)
+            else:
+                self._blocks.append((c.scheme, i, [c.rank]))
+        if cands:
+            self.__dict__["candidates"] = cands
+
+    @classmethod
+    def from_arrays(cls, name: str, spectra: Mapping[str, Spectrum], dense: Candidate,
+                    blocks: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                           np.ndarray]]) -> LayerOptions:
+        """Dense first, then per scheme ``(scheme, ranks, cost, error, macs, params)`` blocks."""
+        o = cls(name, (), spectra)
+        start = 1
+        for s, r, *_ in blocks:
+            o._blocks.append((s, start, r))
+            start += len(r)
+        o.cost = np.concatenate([[dense.cost], *(b[2] for b in blocks)]).astype(np.int64)
+        o.error = np.concatenate([[0.0], *(b[3] for b in blocks)]).astype(np.float64)
+        o.macs = np.concatenate([[dense.macs], *(b[4] for b in blocks)]).astype(np.int64)
+        o.params = np.concatenate([[dense.params], *(b[5] for b in blocks)]).astype(np.int64)
+        return o
+
+    def __len__(self) -> int:
+        return len(self.cost)
+
+    @property
+    def scheme(self) -> list[str]:
+        """Every candidate's scheme (``dense`` for candidate 0)."""
+        out = ["dense"]
+        for s, _, r in self._blocks:
+            out += [s] * len(r)
+        return out
+
+    def scheme_of(self, i: int) -> str:
+        for s, start, r in self._blocks:
+            if start <= i < start + len(r):
+                return s
+        return "dense"
+
+    def rank(self, i: int) -> int | tuple[int, ...] | None:
+        """The rank of candidate ``i`` (``None`` for dense)."""
+        for _, start, r in self._blocks:
+            if start <= i < start + len(r):
+                v = r[i - start]
+                return v if isinstance(r, list) else _rank_value(v)
+        return None
+
+    @property
+    def ranks(self) -> list[Any]:
+        """Every candidate's rank (``None`` for dense)."""
+        return [self.rank(i) for i in range(len(self))]
+
+    def main_ranks(self, idx: np.ndarray) -> np.ndarray:
+        """The main rank (the last one of multi-rank schemes) of each candidate in ``idx``."""
+        return np.array([_main(self.rank(int(i))) for i in idx], dtype=np.int64)
+
+    def candidate(self, i: int) -> Candidate:
+        i = int(i)
+        return Candidate(self.scheme_of(i), self.rank(i), int(self.cost[i]),
+                         float(self.error[i]), int(self.macs[i]), int(self.params[i]))
+
+    @functools.cached_property
+    def candidates(self) -> tuple[Candidate, ...]:
+        return tuple(self.candidate(i) for i in range(len(self)))
 
     @property
     def dense(self) -> Candidate:
-        return self.candidates[0]
+        return self.candidate(0)
+
+    def index_of(self, c: Candidate) -> int:
+        """The index of a candidate (by scheme and rank)."""
+        if c.scheme == "dense":
+            return 0
+        for s, start, r in self._blocks:
+            if s != c.scheme:
+                continue
+            if isinstance(r, list):
+                if c.rank in r:
+                    return start + r.index(c.rank)
+                continue
+            want = np.atleast_1d(np.asarray(c.rank, dtype=np.int64))
+            hit = np.flatnonzero((r == want[None, :]).all(axis=1))
+            if len(hit):
+                return start + int(hit[0])
+        raise LrfxError(f"layer {self.name!r} has no candidate {c.scheme} {c.rank}")
 
     def of_scheme(self, scheme: str) -> list[Candidate]:
-        return [c for c in self.candidates if c.scheme == scheme]
+        return [self.candidate(i) for i in self.scheme_indices(scheme)]
+
+    def scheme_indices(self, scheme: str) -> np.ndarray:
+        parts = [np.arange(start, start + len(r)) for s, start, r in self._blocks if s == scheme]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def best_within(self, cost: int) -> Candidate:
-        """The lowest-error candidate costing at most ``cost`` (dense if none is cheaper)."""
-        fitting = [c for c in self.candidates if c.cost <= cost]
-        if not fitting:
-            return min(self.candidates, key=lambda c: c.cost)
-        return min(fitting, key=lambda c: (c.error, c.cost))
+        """The lowest-error candidate costing at most ``cost`` (the cheapest one if none fits)."""
+        return self.candidate(self.best_index_within(cost))
+
+    def best_index_within(self, cost: int) -> int:
+        fitting = np.flatnonzero(self.cost <= cost)
+        if len(fitting) == 0:
+            return int(np.argmin(self.cost))
+        order = np.lexsort((self.cost[fitting], self.error[fitting]))
+        return int(fitting[order[0]])
+
+    def __repr__(self) -> str:
+        return f"LayerOptions({self.name!r}, {len(self)} candidates)"
 
 
 @dataclass(frozen=True)
@@ -81,6 +218,26 @@ class Budget:
         return self.target / self.total if self.total else 1.0
 
 
+def check_budget(macs: float | int | None, params: float | int | None) -> tuple[str, float]:
+    """Validate ``macs=`` / ``params=`` without the model's totals; returns (metric, value).
+
+    Raises:
+        LrfxError: Neither or both given, not a number, zero, negative, or a fraction above 1.
+    """
+    if (macs is None) == (params is None):
+        raise LrfxError("give exactly one budget: macs=... or params=... (a fraction of the "
+                        "model's total, e.g. macs=0.5, or an absolute count)")
+    metric, value = ("macs", macs) if macs is not None else ("params", params)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LrfxError(f"{metric} budget must be a number, got {value!r}")
+    if value <= 0:
+        raise LrfxError(f"{metric} budget must be positive, got {value}")
+    if isinstance(value, float) and value > 1.0:
+        raise LrfxError(f"{metric}={value} is a fraction above 1; give a fraction in (0, 1] "
+                        "or an absolute count as an int")
+    return metric, value
+
+
 def make_budget(
     macs: float | int | None, params: float | int | None, total_macs: int, total_params: int
 ) -> Budget:
@@ -89,44 +246,28 @@ def make_budget(
     Raises:
         LrfxError: Neither or both given, zero, negative, or a fraction above 1.
     """
-    if (macs is None) == (params is None):
-        raise LrfxError("give exactly one budget: macs=... or params=... (a fraction of the "
-                        "model's total, e.g. macs=0.5, or an absolute count)")
-    metric, value, total = ("macs", macs, total_macs) if macs is not None else (
-        "params", params, total_params)
-    assert value is not None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise LrfxError(f"{metric} budget must be a number, got {value!r}")
-    if value <= 0:
-        raise LrfxError(f"{metric} budget must be positive, got {value}")
-    if isinstance(value, float):
-        if value > 1.0:
-            raise LrfxError(f"{metric}={value} is a fraction above 1; give a fraction in (0, 1] "
-                            f"or an absolute count as an int (the model has {total:,})")
-        target = int(value * total)
-    else:
-        target = int(value)
+    metric, value = check_budget(macs, params)
+    total = total_macs if metric == "macs" else total_params
+    target = int(value * total) if isinstance(value, float) else int(value)
     return Budget(metric, target, total)
 
 
-def _tails(sp: Spectrum) -> list[float]:
-    """Relative tail energy after keeping r values, r = 0..k (summed over groups)."""
-    sq = sp.values.square()
-    total = float(sq.sum())
-    per_rank = sq.sum(dim=0).tolist()  # rank r keeps the first r values of every group
-    tails = [1.0]
-    acc = 0.0
-    for v in per_rank:
-        acc += v
-        tails.append(max(0.0, 1.0 - acc / total) if total > 0 else 0.0)
-    return tails
+def resolve_schemes(schemes: str | Sequence[str]) -> tuple[str, ...]:
+    """``auto`` (every allocatable scheme), one scheme name, or a list, checked.
 
-
-def _ranks(limit: int, round_to: int | None) -> Iterable[int]:
-    if not round_to or round_to <= 1:
-        return range(1, limit + 1)
-    rs = list(range(round_to, limit + 1, round_to))
-    return rs or [limit]
+    Raises:
+        LrfxError: An unknown scheme (the valid ones are named), or a plan-only one.
+    """
+    if schemes == "auto":
+        return allocatable_schemes()
+    names = (schemes,) if isinstance(schemes, str) else tuple(schemes)
+    valid = ("auto", *allocatable_schemes())
+    for n in names:
+        if n not in scheme_names():
+            raise LrfxError(f"unknown scheme {n!r}; choose one of {', '.join(valid)}")
+        if not get_scheme(n).allocatable:
+            raise LrfxError(f"scheme {n!r} cannot be allocated: {get_scheme(n).note}")
+    return names
 
 
 def build_options(
@@ -142,15 +283,15 @@ def build_options(
     Args:
         layers: The analysis's layer records (``analysis.layers``).
         metric: ``macs`` or ``params``: what a candidate's ``cost`` counts.
-        schemes: ``auto`` (all of :data:`AUTO_SCHEMES` that apply) or one scheme name or a list;
-            a Linear layer always uses ``svd``; a conv the scheme does not apply to stays dense.
+        schemes: ``auto`` (every allocatable scheme that applies), one scheme name or a list; a
+            Linear layer always uses its own schemes (``svd``); a conv that none of the asked
+            schemes applies to stays dense.
         round_to: Keep only ranks that are multiples of this.
         spectra: Per layer, spectra to use instead of the records' own (whitened ones).
     """
     if metric not in ("macs", "params"):
         raise LrfxError(f"metric must be 'macs' or 'params', got {metric!r}")
-    wanted = AUTO_SCHEMES if schemes == "auto" else (
-        (schemes,) if isinstance(schemes, str) else tuple(schemes))
+    wanted = resolve_schemes(schemes)
     out = []
     for rec in layers:
         if not getattr(rec, "factorable", False) or not getattr(rec, "calls", ()):
@@ -162,58 +303,27 @@ def build_options(
             raise LrfxError(f"layer {name!r} has no spectra; run the analysis with spectra=True")
         dense_macs, dense_params = rec.macs, rec.params  # type: ignore[attr-defined]
         dense_cost = dense_macs if metric == "macs" else dense_params
-        cands = [Candidate("dense", None, dense_cost, 0.0, dense_macs, dense_params)]
-        app = applicable_schemes(calls[0])
-        # a Linear layer has one scheme, svd, whatever was asked for the convs
-        usable = list(app) if app == ("svd",) else [s for s in app if s in wanted]
-        for scheme in usable:
-            cands += _scheme_candidates(scheme, calls, sp, metric, dense_cost, round_to)
-        out.append(LayerOptions(name, tuple(cands), sp))
-    return out
-
-
-def _cost(calls: Sequence[Geometry], scheme: str, rank: int | tuple[int, int]) -> tuple[int, int]:
-    macs = sum(factored_cost(g, scheme, rank).macs for g in calls)
-    return macs, factored_cost(calls[0], scheme, rank).params
-
-
-def _scheme_candidates(
-    scheme: str,
-    calls: Sequence[Geometry],
-    sp: Mapping[str, Spectrum],
-    metric: str,
-    dense_cost: int,
-    round_to: int | None,
-) -> list[Candidate]:
-    g = calls[0]
-    out: list[Candidate] = []
-    if scheme == "tucker2":
-        if "mode1" not in sp or "channel" not in sp:
-            return out
-        t_in, t_out = _tails(sp["mode1"]), _tails(sp["channel"])
-        lim_in, lim_out = max_rank(g, "tucker2")
-        for r_out in _ranks(lim_out, round_to):
-            r_in = min(lim_in, max(1, round(r_out * lim_in / lim_out)))
-            if round_to and round_to > 1:
-                r_in = min(lim_in, max(round_to, round(r_in / round_to) * round_to))
-            macs, params = _cost(calls, scheme, (r_in, r_out))
+        dense = Candidate("dense", None, dense_cost, 0.0, dense_macs, dense_params)
+        g0 = calls[0]
+        applicable = [s for s in rec.schemes if get_scheme(s).allocatable]  # type: ignore[attr-defined]
+        # a Linear layer has its own schemes (svd), whatever was asked for the convs
+        usable = applicable if isinstance(g0, LinearGeometry) else [
+            s for s in applicable if s in wanted]
+        blocks = []
+        for s in usable:
+            scheme = get_scheme(s)
+            if any(u not in sp for u in scheme.unfoldings):
+                continue
+            ranks = scheme.rank_path(g0, round_to)
+            macs, params = scheme.cost_arrays(calls, ranks)
             cost = macs if metric == "macs" else params
-            if cost >= dense_cost:
-                break
-            err = min(1.0, t_in[min(r_in, len(t_in) - 1)] + t_out[min(r_out, len(t_out) - 1)])
-            out.append(Candidate(scheme, (r_in, r_out), cost, err, macs, params))
-        return out
-    unit = {"svd": "rows", "channel": "channel", "spatial": "spatial"}.get(scheme)
-    if unit is None or unit not in sp:
-        return out
-    tails = _tails(sp[unit])
-    (limit,) = max_rank(g, scheme)
-    for r in _ranks(limit, round_to):
-        macs, params = _cost(calls, scheme, r)
-        cost = macs if metric == "macs" else params
-        if cost >= dense_cost:
-            break
-        out.append(Candidate(scheme, r, cost, tails[min(r, len(tails) - 1)], macs, params))
+            above = np.flatnonzero(cost >= dense_cost)
+            n = int(above[0]) if len(above) else len(cost)  # stop at break-even
+            if n == 0:
+                continue
+            ranks = ranks[:n]
+            blocks.append((s, ranks, cost[:n], scheme.errors(sp, ranks), macs[:n], params[:n]))
+        out.append(LayerOptions.from_arrays(name, sp, dense, blocks))
     return out
 
 
@@ -224,7 +334,7 @@ def cost_of(choice: Mapping[str, Candidate], fixed: int) -> int:
 
 def check_reachable(options: Sequence[LayerOptions], fixed: int, budget: Budget) -> None:
     """Raise :class:`BudgetInfeasibleError` if even the cheapest plan exceeds the budget."""
-    cheapest = fixed + sum(min(c.cost for c in o.candidates) for o in options)
+    cheapest = fixed + sum(int(o.cost.min()) for o in options)
     if cheapest > budget.target:
         raise BudgetInfeasibleError(
             f"a {budget.metric} budget of {budget.target:,} ({budget.fraction:.3f} of "

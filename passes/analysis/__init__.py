@@ -1,7 +1,15 @@
 """Analysis passes: read the graph, write typed facts, never change the graph."""
 
+from lrfx.passes.analysis.activations import CalibrationOptions, collect_input_stats
 from lrfx.passes.analysis.costs import annotate_costs
 from lrfx.passes.analysis.shapes import propagate_shapes
-from lrfx.passes.analysis.spectra import compute_spectra
+from lrfx.passes.analysis.spectra import SpectraOptions, compute_spectra
 
-__all__ = ["annotate_costs", "compute_spectra", "propagate_shapes"]
+__all__ = [
+    "CalibrationOptions",
+    "SpectraOptions",
+    "annotate_costs",
+    "collect_input_stats",
+    "compute_spectra",
+    "propagate_shapes",
+]

@@ -10,8 +10,10 @@ of batches):
 * Conv2d, spatial scheme: the vertical ``kh x 1`` patches (``d = C * kh``), the input side of
   the spatial factorization (an approximation that ignores correlations across the width taps).
 
-:func:`whitened_spectra` then gives, per layer, the singular values of ``W S`` where
-``S S^T = X X^T / n + damping``: each dropped value is the output error it causes (SVD-LLM).
+:func:`~lrfx.passes.analysis.spectra.compute_spectra`, run after this pass, then gives the
+data-aware spectra directly: per layer, the singular values of ``W S`` where
+``S S^T = X X^T / n + damping``, each dropped value being the output error it causes (SVD-LLM).
+:func:`whitened_spectra` computes the same values standalone.
 """
 
 from __future__ import annotations
@@ -25,35 +27,36 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from lrfx.decompositions import svdvals, unfold
+from lrfx.decompositions import DAMPING, svdvals, unfold, whitening_factor
 from lrfx.errors import LrfxError, ShapeError
 from lrfx.facts import (
     FrozenMap,
+    InputStats,
     LayerFacts,
     Spectrum,
-    get_graph_facts,
     get_node_facts,
-    set_graph_facts,
+    update_graph_facts,
 )
 from lrfx.passes.analysis.shapes import eval_mode
+from lrfx.passes.analysis.spectra import layer_unfoldings
 from lrfx.pipeline import PassContext, graph_pass
 from lrfx.tracing import as_input_tuple
 
-__all__ = ["InputStats", "collect_input_stats", "run_checked", "whitened_spectra",
-           "whitening_factor"]
+__all__ = ["DAMPING", "CalibrationOptions", "InputStats", "collect_input_stats", "run_checked",
+           "whitened_spectra", "whitening_factor"]
 
 log = logging.getLogger(__name__)
 
-#: Relative damping added to the diagonal of ``X X^T / n`` before the Cholesky factorization.
-DAMPING = 1e-5
 
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """Options of :func:`collect_input_stats`.
 
-@dataclass
-class InputStats:
-    """Gram matrices of one layer's inputs: ``grams[unfolding]`` is ``(groups, d, d)``."""
+    Attributes:
+        calibration: The batches: tensors, or tuples of positional inputs.
+    """
 
-    grams: dict[str, torch.Tensor]
-    count: int = 0
+    calibration: Iterable[Any]
 
 
 def _same_padding(k: int, d: int) -> tuple[int, int]:
@@ -96,6 +99,8 @@ def _accumulate(stats: InputStats, key: str, rows: torch.Tensor, groups: int = 1
 
 
 def _hook(layer: LayerFacts, stats: InputStats) -> Any:
+    units = layer_unfoldings(layer)
+
     def pre_hook(m: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0]
         if isinstance(m, nn.Linear):
@@ -113,11 +118,11 @@ def _hook(layer: LayerFacts, stats: InputStats) -> Any:
             padded, _ = _pad_conv_input(x, m)
         if x.dim() == 3:  # unbatched conv2d input
             padded = padded.unsqueeze(0)
-        if "channel" in layer.schemes:
+        if "channel" in units:
             p = _patches(padded, m, k, s, d)
             _accumulate(stats, "channel", p, m.groups)
             stats.count += p.shape[0]
-        if "spatial" in layer.schemes:
+        if "spatial" in units:
             v = _patches(padded, m, (k[0], 1), (s[0], 1), (d[0], 1))
             _accumulate(stats, "spatial", v)
     return pre_hook
@@ -150,21 +155,21 @@ def run_checked(gm: fx.GraphModule, *args: Any) -> Any:
         raise ShapeError(exc.node, exc.target, exc.reason) from exc.__cause__
 
 
-@graph_pass(requires=["layers"], provides=["input_stats"])
+@graph_pass(requires=["layers"], provides=["input_stats"], options=CalibrationOptions)
 def collect_input_stats(gm: fx.GraphModule, ctx: PassContext) -> Mapping[str, InputStats]:
     """Accumulate ``X X^T`` of every factorable module's inputs over calibration batches.
 
-    Reads: ``ctx.options["calibration"]`` (an iterable of batches: tensors or tuples of
-    positional inputs) and the layer facts. Writes: ``gm.meta["lrfx"].extra["input_stats"]``.
-    Does not change the graph or any module's state (eval mode, no grad; hooks removed after).
+    Reads: ``CalibrationOptions.calibration`` (an iterable of batches: tensors or tuples of
+    positional inputs) and the layer facts. Writes: ``gm.meta["lrfx"].input_stats``. Does not
+    change the graph or any module's state (eval mode, no grad; hooks removed after).
 
     Raises:
         ShapeError: A calibration batch does not fit the model; names the node.
     """
-    batches = ctx.options.get("calibration")
+    batches = ctx.option(CalibrationOptions).calibration
     if batches is None:
-        raise LrfxError("collect_input_stats needs calibration batches in "
-                        "ctx.options['calibration']")
+        raise LrfxError("collect_input_stats needs calibration batches: "
+                        "PassContext(options=[CalibrationOptions(calibration=...)])")
     stats: dict[str, InputStats] = {}
     handles = []
     seen: set[str] = set()
@@ -188,27 +193,8 @@ def collect_input_stats(gm: fx.GraphModule, ctx: PassContext) -> Mapping[str, In
             h.remove()
     if n_batches == 0:
         raise LrfxError("calibration is empty: give at least one batch")
-    gfacts = get_graph_facts(gm)
-    extra = dict(gfacts.extra)
-    extra["input_stats"] = FrozenMap(stats)
-    set_graph_facts(gm, gfacts.replace(extra=FrozenMap(extra)))
+    update_graph_facts(gm, input_stats=FrozenMap(stats))
     return stats
-
-
-def whitening_factor(gram: torch.Tensor, count: int) -> torch.Tensor:
-    """Lower Cholesky factor ``S`` of ``gram / count + damping * mean(diag) * I`` (batched)."""
-    g = gram / max(count, 1)
-    d = g.shape[-1]
-    scale = torch.diagonal(g, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
-    eye = torch.eye(d, dtype=g.dtype)
-    damping = DAMPING
-    for _ in range(8):
-        chol, info = torch.linalg.cholesky_ex(g + (damping * scale)[..., None, None] * eye)
-        if int(info.max()) == 0:
-            return chol
-        damping *= 10
-    raise LrfxError("input statistics are not positive definite even with damping; use more "
-                    "calibration data")
 
 
 def whitened_spectra(

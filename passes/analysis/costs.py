@@ -22,7 +22,6 @@ from lrfx.cost import (
     ConvGeometry,
     Geometry,
     LinearGeometry,
-    applicable_schemes,
     bmm_macs,
     dense_cost,
     einsum_macs,
@@ -38,6 +37,7 @@ from lrfx.facts import (
     set_node_facts,
 )
 from lrfx.pipeline import PassContext, graph_pass
+from lrfx.schemes import applicable_schemes
 
 __all__ = ["annotate_costs", "conv_geometry", "layer_facts_for_geometry", "mha_layers"]
 
@@ -84,6 +84,7 @@ def conv_geometry(
     groups: int = 1,
     bias: bool = False,
     transposed: bool = False,
+    padding_mode: str = "zeros",
 ) -> ConvGeometry:
     """Geometry of a conv call from its module (or functional arguments) and call shapes."""
     if m is not None:
@@ -92,6 +93,7 @@ def conv_geometry(
         stride, padding, dilation, groups = m.stride, m.padding, m.dilation, m.groups
         bias = m.bias is not None
         transposed = isinstance(m, _CONV_T)
+        padding_mode = m.padding_mode
     assert weight_shape is not None
     dims = len(weight_shape) - 2
     batched = len(x) == dims + 2
@@ -107,12 +109,13 @@ def conv_geometry(
         in_spatial=tuple(in_sp),
         out_spatial=tuple(out_sp),
         stride=_tuple(stride, dims),
-        padding=pad,  # type: ignore[arg-type]
+        padding=pad,
         dilation=_tuple(dilation, dims),
         groups=int(groups),
         batch=int(batch),
         bias=bias,
         transposed=transposed,
+        padding_mode=padding_mode,
     )
 
 
@@ -443,16 +446,16 @@ def _leaf_layers(
 def annotate_costs(gm: fx.GraphModule, ctx: PassContext) -> int:
     """Record MACs, parameters, geometry and applicable schemes of every layer.
 
-    Reads: ``node.meta["tensor_meta"]``, and ``gm.meta["lrfx"].extra["inner_calls"]`` for leaf
-    modules. Writes: ``node.meta["lrfx"]`` (a :class:`~lrfx.facts.NodeFacts`) on every node that
-    computes conv/linear/matmul-like work. Does not change the graph.
+    Reads: ``node.meta["tensor_meta"]``, and ``gm.meta["lrfx"].leaf_calls`` for leaf modules.
+    Writes: ``node.meta["lrfx"]`` (a :class:`~lrfx.facts.NodeFacts`) on every node that computes
+    conv/linear/matmul-like work. Does not change the graph.
 
     Returns:
         Total MACs of the graph.
     """
     facts = get_graph_facts(gm)
-    inner = facts.extra.get("inner_calls", {})
-    leaf_macs = facts.extra.get("leaf_macs", {})
+    inner = facts.leaf_calls
+    leaf_macs = facts.leaf_macs
     total = 0
     for node in gm.graph.nodes:
         layers: tuple[LayerFacts, ...] = ()

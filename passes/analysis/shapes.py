@@ -5,15 +5,13 @@ afterwards, so BN statistics are untouched). Shapes go where torch puts them,
 ``node.meta["tensor_meta"]``. For every leaf module the tracer could not enter, forward hooks on
 the Conv/Linear/MultiheadAttention modules inside it record their call shapes, and a
 ``FlopCounterMode`` measures the leaf's total MACs; both are stored in ``gm.meta["lrfx"]``
-(``extra["inner_calls"]`` and ``extra["leaf_macs"]``, keyed by node name) for
-:func:`annotate_costs`.
+(``leaf_calls`` and ``leaf_macs``, keyed by node name) for :func:`annotate_costs`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,11 +21,11 @@ from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
 
 from lrfx.errors import ShapeError
-from lrfx.facts import FrozenMap, get_graph_facts, set_graph_facts
+from lrfx.facts import FrozenMap, LeafCall, get_graph_facts, set_graph_facts
 from lrfx.modules import LowRankMultiheadAttention
 from lrfx.pipeline import PassContext, graph_pass
 
-__all__ = ["InnerCall", "propagate_shapes"]
+__all__ = ["InnerCall", "eval_mode", "propagate_shapes"]
 
 #: Module types whose calls inside a leaf are recorded by hooks.
 HOOKED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
@@ -37,14 +35,8 @@ HOOKED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
 INSTRUMENTED = (LowRankMultiheadAttention,)
 
 
-@dataclass(frozen=True)
-class InnerCall:
-    """One call of a layer inside a leaf module, seen by a forward hook."""
-
-    name: str
-    input_shapes: tuple[tuple[int, ...], ...]
-    output_shape: tuple[int, ...]
-    kwargs: tuple[tuple[str, Any], ...] = ()
+#: The record of one call inside a leaf (kept under its former name).
+InnerCall = LeafCall
 
 
 def _shape(x: Any) -> tuple[int, ...]:
@@ -173,9 +165,9 @@ def propagate_shapes(gm: fx.GraphModule, ctx: PassContext) -> None:
     """Run the example inputs through the graph and record every node's output shape.
 
     Reads: ``ctx.example_inputs``. Writes: ``node.meta["tensor_meta"]`` (torch's format) on every
-    node; ``gm.meta["lrfx"].input_shapes`` and, for leaf modules, ``extra["inner_calls"]`` (the
-    call shapes of the layers inside) and ``extra["leaf_macs"]``. Does not change the graph or
-    any module's state (eval mode, no grad).
+    node; ``gm.meta["lrfx"].input_shapes`` and, for leaf modules, ``leaf_calls`` (the call
+    shapes of the layers inside) and ``leaf_macs``. Does not change the graph or any module's
+    state (eval mode, no grad).
 
     Raises:
         ShapeError: The inputs do not fit the model; names the node where propagation failed.
@@ -194,13 +186,11 @@ def propagate_shapes(gm: fx.GraphModule, ctx: PassContext) -> None:
     except ShapeError as exc:
         # torch's Interpreter appends its own trace text to the message; keep ours clean
         raise ShapeError(exc.node, exc.target, exc.reason) from exc.__cause__
-    extra = dict(facts.extra)
-    extra["inner_calls"] = FrozenMap({k: tuple(v) for k, v in prop.inner_calls.items()})
-    extra["leaf_macs"] = FrozenMap(dict(prop.leaf_macs))
     set_graph_facts(
         gm,
         facts.replace(
             input_shapes=tuple(_shape(x) for x in ctx.example_inputs),
-            extra=FrozenMap(extra),
+            leaf_calls=FrozenMap({k: tuple(v) for k, v in prop.inner_calls.items()}),
+            leaf_macs=FrozenMap(dict(prop.leaf_macs)),
         ),
     )

@@ -1,5 +1,5 @@
 """Rewrite passes: consume a plan and change the graph; they never decide ranks."""
 
-from lrfx.passes.rewrite.factorize import RewriteRecord, factorize
+from lrfx.passes.rewrite.factorize import FactorizeOptions, RewriteRecord, factorize
 
-__all__ = ["RewriteRecord", "factorize"]
+__all__ = ["FactorizeOptions", "RewriteRecord", "factorize"]

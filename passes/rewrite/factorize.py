@@ -1,7 +1,8 @@
 """The rewrite pass: replace planned Conv/Linear layers by factored subgraphs.
 
-Reads a resolved :class:`~lrfx.RankPlan` from ``ctx.options["plan"]`` and the layer facts on the
-nodes. It never decides ranks. Per layer kind:
+Reads a resolved :class:`~lrfx.RankPlan` from :class:`FactorizeOptions` and the layer facts on
+the nodes. It never decides ranks. Everything scheme-specific (the layout of the factored layer,
+its factors) comes from the scheme registry. Per layer kind:
 
 * a Conv/Linear module called from the graph: the module is replaced by a
   :class:`~lrfx.modules.Factored` container at the same path, and every node that called it by
@@ -13,13 +14,16 @@ nodes. It never decides ranks. Per layer kind:
   substitution (the attention module becomes a
   :class:`~lrfx.modules.LowRankMultiheadAttention`).
 
-Weights shared between layers (one module called twice, one Parameter in two modules) are
-factored once and stay shared.
+Factors come from the spectra on the nodes when they are still valid (their stored singular
+vectors, plain or data-aware: no SVD is repeated), else from a fresh decomposition. Weights
+shared between layers (one module called twice, one Parameter in two modules with the same
+geometry) are factored once and stay shared.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import operator
 from collections.abc import Mapping
@@ -28,15 +32,19 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
+from lrfx.cost import ConvGeometry, Geometry, Piece
+from lrfx.decompositions import Spectrum, WeightStamp, check_finite
 from lrfx.errors import LrfxError, UnsupportedLayerError
-from lrfx.facts import LayerFacts, get_node_facts
-from lrfx.modules import ConvSpec, Factored, LowRankMultiheadAttention, factor_conv, factor_linear
-from lrfx.modules import mha_projection as _mha_projection
-from lrfx.pipeline import PassContext, graph_pass
+from lrfx.facts import LayerFacts, get_graph_facts, get_node_facts
+from lrfx.modules import Factored, LowRankMultiheadAttention, build_factored, mha_projection
+from lrfx.pipeline import PassContext, graph_pass, invalidate
 from lrfx.plan import LayerPlan, RankPlan
+from lrfx.report import RewriteRecord
+from lrfx.schemes import get_scheme
 
-__all__ = ["RewriteRecord", "factorize"]
+__all__ = ["FactorizeOptions", "RewriteRecord", "factorize"]
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +53,21 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass(frozen=True)
-class RewriteRecord:
-    """What the rewrite did to one layer."""
+class FactorizeOptions:
+    """Options of :func:`factorize`.
 
-    name: str
-    scheme: str
-    rank: Any
-    path: str
-    nodes: tuple[str, ...]
+    Attributes:
+        plan: The plan, resolved against this graph (:meth:`~lrfx.RankPlan.resolve`).
+        whitening: Per layer and unfolding, a Cholesky factor of the input Gram to whiten the
+            factors with, for layers whose spectra carry none (most callers leave this out:
+            data-aware spectra carry their own).
+        decompose: ``False`` builds the factored modules with uninitialized weights and computes
+            no decomposition (to load saved weights into).
+    """
+
+    plan: RankPlan
+    whitening: Mapping[str, Mapping[str, torch.Tensor]] | None = None
+    decompose: bool = True
 
 
 def _set_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
@@ -75,23 +90,56 @@ def _has_attr(gm: fx.GraphModule, path: str) -> bool:
     return hasattr(owner, attr)
 
 
-class _SharedFactors:
-    """Factors computed once per (weight, scheme, rank), reused for every layer sharing them."""
+def _geometry_key(g: Geometry | None) -> Any:
+    """What besides the weight determines a factored layer: its conv arguments."""
+    if isinstance(g, ConvGeometry):
+        return (g.stride, g.padding, g.dilation, g.groups, g.padding_mode, g.transposed)
+    return type(g).__name__
 
-    def __init__(self) -> None:
-        self._built: dict[tuple[int, Any, str, Any], tuple[Factored, torch.Tensor | None]] = {}
+
+class _Builder:
+    """Builds factored layers, once per (weight, geometry, scheme, rank); shares the rest."""
+
+    def __init__(self, gm: fx.GraphModule, opts: FactorizeOptions) -> None:
+        self.gm = gm
+        self.opts = opts
+        self.epoch = get_graph_facts(gm).weights_version
+        self._built: dict[tuple[Any, ...], Factored] = {}
         self._biases: dict[int, nn.Parameter] = {}  # original bias id -> its factored copy
 
-    def get(self, weight: torch.Tensor, rows: Any, lp: LayerPlan, build: Any,
-            bias: torch.Tensor | None) -> Factored:
-        key = (id(weight), rows, lp.scheme, lp.rank)
-        if key not in self._built:
-            f = build()
-            self._built[key] = (f, bias)
-            if bias is not None:
-                self._biases[id(bias)] = f[-1].bias
-            return f
-        return self._share(self._built[key][0], bias)
+    def spectra(self, layer: LayerFacts, weight: torch.Tensor) -> dict[str, Spectrum]:
+        """The layer's spectra that still describe ``weight`` (stale ones are dropped)."""
+        stamp = WeightStamp.of(weight, self.epoch)
+        return {u: sp for u, sp in layer.spectra.items() if sp.stamp is None or sp.stamp == stamp}
+
+    def build(self, layer: LayerFacts, weight: torch.Tensor, bias: torch.Tensor | None,
+              lp: LayerPlan, *, own_bias: bool = True) -> Factored:
+        """The factored layer; ``own_bias=False`` leaves the bias out of the factors (the graph
+        adds it, for functional layers)."""
+        g = layer.geometry
+        assert g is not None and lp.rank is not None
+        if not own_bias:
+            g = dataclasses.replace(g, bias=False)
+        # storage, shape and strides identify the weight (one Parameter shared by two layers,
+        # or one slice of a packed projection), the conv arguments the rest
+        key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), _geometry_key(g),
+               lp.scheme, lp.rank)
+        if key in self._built:
+            return self._share(self._built[key], bias)
+        scheme = get_scheme(lp.scheme)
+        weights = None
+        if self.opts.decompose:
+            check_finite(weight, layer.name)
+            whiten = (self.opts.whitening or {}).get(layer.name)
+            weights = scheme.factors(weight, g, lp.rank, spectra=self.spectra(layer, weight),
+                                     whiten=whiten)
+        f = build_factored(scheme.layout(g, lp.rank), scheme=lp.scheme, rank=lp.rank,
+                           weights=weights, bias=bias, dtype=weight.dtype, device=weight.device,
+                           requires_grad=weight.requires_grad)
+        self._built[key] = f
+        if bias is not None:
+            self._biases[id(bias)] = f[-1].get_parameter("bias")
+        return f
 
     def _share(self, f: Factored, bias: torch.Tensor | None) -> Factored:
         """A new container whose factor weights are the same Parameters as ``f``'s; the bias is
@@ -112,101 +160,91 @@ class _SharedFactors:
         return Factored(*children, scheme=f.scheme, rank=f.rank)
 
 
-def _inline(gm: fx.GraphModule, node: fx.Node, path: str, n_children: int) -> tuple[str, ...]:
-    """Replace a ``call_module`` node by one node per child of the factored container."""
-    created = []
+def _tensor_meta(shape: tuple[int, ...], like: Any) -> Any:
+    """Shape-propagation metadata of a new node (a meta tensor: nothing is computed)."""
+    meta = _extract_tensor_metadata(torch.empty(shape, dtype=like.dtype, device="meta"))
+    return meta._replace(requires_grad=like.requires_grad)
+
+
+def _piece_shapes(x: Any, y: Any, pieces: tuple[Piece, ...]) -> list[tuple[int, ...]] | None:
+    """Output shape of each piece, from the layer's input and output shapes."""
+    if not hasattr(x, "shape") or not hasattr(y, "shape"):
+        return None
+    xs, ys = tuple(x.shape), tuple(y.shape)
+    out = []
+    for p in pieces:
+        if p.linear:
+            out.append((*xs[:-1], p.out_channels))
+            continue
+        d = len(p.kernel)
+        lead, in_sp, out_sp = xs[: -(d + 1)], xs[-d:], ys[-d:]
+        sp = {"in": in_sp, "out": out_sp, "mid": (out_sp[0], *in_sp[1:])}[p.at]
+        out.append((*lead, p.out_channels, *sp))
+    return out
+
+
+def _annotate(nodes: list[fx.Node], shapes: list[tuple[int, ...]] | None, like: Any) -> None:
+    if shapes is None or not hasattr(like, "dtype"):
+        return
+    for n, shape in zip(nodes, shapes, strict=True):
+        n.meta["tensor_meta"] = _tensor_meta(shape, like)
+        n.meta["type"] = torch.Tensor
+
+
+def _inline(gm: fx.GraphModule, node: fx.Node, path: str, pieces: tuple[Piece, ...]
+            ) -> tuple[str, ...]:
+    """Replace a ``call_module`` node by one node per piece of the factored container, with
+    their shapes (so shape facts stay valid across the rewrite)."""
+    created: list[fx.Node] = []
     with gm.graph.inserting_before(node):
         x: Any = node.args[0] if node.args else node.kwargs["input"]
-        for i in range(n_children):
+        first = x
+        for i in range(len(pieces)):
             x = gm.graph.call_module(f"{path}.{i}", (x,))
-            created.append(x.name)
+            created.append(x)
+    y = node.meta.get("tensor_meta")
+    _annotate(created, _piece_shapes(first.meta.get("tensor_meta") if isinstance(first, fx.Node)
+                                     else None, y, pieces), y)
     node.replace_all_uses_with(x)
     gm.graph.erase_node(node)
-    return tuple(created)
-
-
-_WHITENED_UNIT = {"svd": "rows", "channel": "channel", "spatial": "spatial"}
-
-
-def _factor_module(
-    m: nn.Module, lp: LayerPlan, name: str, whitening: Mapping[str, torch.Tensor]
-) -> Factored:
-    assert lp.rank is not None
-    whiten = whitening.get(_WHITENED_UNIT.get(lp.scheme, ""))
-    if isinstance(m, nn.Linear):
-        if lp.scheme != "svd":
-            raise UnsupportedLayerError(name, f"scheme {lp.scheme!r} does not apply to Linear")
-        assert isinstance(lp.rank, int)
-        return factor_linear(m.weight, m.bias, lp.rank, name, whiten)
-    if isinstance(m, _CONVS):
-        return factor_conv(ConvSpec.of(m), lp.scheme, lp.rank, name, whiten)
-    raise UnsupportedLayerError(name, f"a {type(m).__name__} cannot be factored")
-
-
-def _functional_spec(node: fx.Node, gm: fx.GraphModule, layer: LayerFacts) -> ConvSpec:
-    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    a: dict[str, Any] = dict(zip(names, node.args, strict=False))
-    a.update(node.kwargs)
-    g = layer.geometry
-    assert g is not None and layer.weight is not None
-    dims = len(g.weight_shape) - 2
-    def tup(v: Any, default: int) -> tuple[int, ...]:
-        v = default if v is None else v
-        return tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * dims
-    pad = a.get("padding") or 0
-    return ConvSpec(
-        weight=gm.get_parameter(layer.weight),
-        bias=None,  # the graph adds the original bias after the factors
-        stride=tup(a.get("stride"), 1),
-        padding=pad if isinstance(pad, str) else tup(pad, 0),
-        dilation=tup(a.get("dilation"), 1),
-        groups=int(a.get("groups") or 1),
-    )
+    return tuple(n.name for n in created)
 
 
 def _rewrite_functional(
-    gm: fx.GraphModule, node: fx.Node, layer: LayerFacts, lp: LayerPlan, shared: _SharedFactors
+    gm: fx.GraphModule, node: fx.Node, layer: LayerFacts, lp: LayerPlan, builder: _Builder
 ) -> RewriteRecord:
-    assert layer.weight is not None and lp.rank is not None
+    assert layer.weight is not None and lp.rank is not None and layer.geometry is not None
     weight = gm.get_parameter(layer.weight)
-    is_linear = layer.kind == "linear"
-    if is_linear:
-        assert isinstance(lp.rank, int)
-        rank = lp.rank
-        f = shared.get(weight, None, lp, lambda: factor_linear(weight, None, rank, layer.name),
-                       None)
-    else:
-        spec = _functional_spec(node, gm, layer)
-        f = shared.get(weight, None, lp,
-                       lambda: factor_conv(spec, lp.scheme, lp.rank or 1, layer.name), None)
+    f = builder.build(layer, weight, None, lp, own_bias=False)  # the graph adds the bias
     path = layer.name if not _has_attr(gm, layer.name) else f"{layer.name}_lowrank"
     _set_module(gm, path, f)
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    pieces = get_scheme(lp.scheme).layout(dataclasses.replace(layer.geometry, bias=False),
+                                          lp.rank)
+    created: list[fx.Node] = []
     with gm.graph.inserting_before(node):
         x: Any = node.args[0]
-        created = []
+        first = x
         for i in range(len(f)):
             x = gm.graph.call_module(f"{path}.{i}", (x,))
-            created.append(x.name)
+            created.append(x)
+        extra: list[fx.Node] = []
         if bias is not None:
-            if not is_linear:
+            if layer.kind != "linear":
                 dims = len(weight.shape) - 2
                 bias = gm.graph.call_method("reshape", (bias, (-1, *([1] * dims))))
+                extra.append(bias)
             x = gm.graph.call_function(operator.add, (x, bias))
+            extra.append(x)
+    y = node.meta.get("tensor_meta")
+    _annotate(created, _piece_shapes(first.meta.get("tensor_meta") if isinstance(first, fx.Node)
+                                     else None, y, pieces), y)
+    if y is not None and hasattr(y, "shape"):
+        shapes = [(int(weight.shape[0]), *([1] * (weight.dim() - 2)))] if len(extra) == 2 else []
+        _annotate(extra, [*shapes, tuple(y.shape)] if extra else [], y)
     node.replace_all_uses_with(x)
     gm.graph.erase_node(node)
-    return RewriteRecord(layer.name, lp.scheme, lp.rank, path, tuple(created))
-
-
-def _mha_factors(
-    mha: nn.MultiheadAttention, parent: str, parts: Mapping[str, LayerPlan]
-) -> dict[str, nn.Module]:
-    out: dict[str, nn.Module] = {}
-    for part, lp in parts.items():
-        weight, bias = _mha_projection(mha, part)
-        assert isinstance(lp.rank, int)
-        out[part] = factor_linear(weight, bias, lp.rank, f"{parent}.{part}")
-    return out
+    return RewriteRecord(layer.name, lp.scheme, lp.rank, path, tuple(n.name for n in created))
 
 
 def _drop_unused_attributes(gm: fx.GraphModule) -> None:
@@ -235,22 +273,25 @@ def _ancestors(gm: fx.GraphModule, path: str) -> list[nn.Module]:
     return [gm.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
 
 
-@graph_pass(requires=["layers"], provides=["factored"], mutates=True)
+@graph_pass(requires=["layers"], provides=["factored"], mutates=True, invalidates=["layers"],
+            options=FactorizeOptions)
 def factorize(gm: fx.GraphModule, ctx: PassContext) -> tuple[RewriteRecord, ...]:
     """Replace every layer the plan factors by its factored subgraph.
 
-    Reads: ``ctx.options["plan"]`` (a :class:`~lrfx.RankPlan`, resolved against this graph),
-    optionally ``ctx.options["whitening"]`` (per layer and unfolding, the Cholesky factor of the
-    inputs' Gram matrix, for data-aware factors), and ``node.meta["lrfx"]``. Writes: new modules
-    and nodes. **Mutates** the graph module in place.
+    Reads: :class:`FactorizeOptions` (the plan, resolved against this graph), ``node.meta["lrfx"]``
+    (layers, their geometry and spectra) and the weights. Writes: new modules and nodes, with
+    their shapes (``tensor_meta`` from the layout, nothing run). **Mutates** the graph module in
+    place; invalidates the layer facts (and everything derived from them), and the shapes too
+    when it substituted modules inside leaves or attention modules (whose inner calls were
+    measured by hooks).
 
     Returns:
         One :class:`RewriteRecord` per factored layer.
     """
-    plan = ctx.options.get("plan")
-    whitening: Mapping[str, Mapping[str, torch.Tensor]] = ctx.options.get("whitening") or {}
+    opts = ctx.option(FactorizeOptions)
+    plan = opts.plan
     if not isinstance(plan, RankPlan):
-        raise LrfxError("factorize needs the plan in ctx.options['plan'] (a lrfx.RankPlan)")
+        raise LrfxError("factorize needs the plan: FactorizeOptions(plan=<a lrfx.RankPlan>)")
     wanted = plan.factored
     found: dict[str, list[tuple[fx.Node, LayerFacts]]] = {}
     for node in gm.graph.nodes:
@@ -266,56 +307,68 @@ def factorize(gm: fx.GraphModule, ctx: PassContext) -> tuple[RewriteRecord, ...]
                         "the plan against the graph first (RankPlan.resolve)")
 
     records: list[RewriteRecord] = []
-    shared = _SharedFactors()
-    mha_parts: dict[str, dict[str, LayerPlan]] = {}
+    builder = _Builder(gm, opts)
+    substituted = False  # a layer replaced inside a module the shape pass measured with hooks
+    mha_parts: dict[str, dict[str, tuple[LayerFacts, LayerPlan]]] = {}
     for name, uses in found.items():
         lp = wanted[name]
         node, layer = uses[0]
         parent, _, part = name.rpartition(".")
         if part in _MHA_PARTS and parent and isinstance(_get(gm, parent), nn.MultiheadAttention):
-            mha_parts.setdefault(parent, {})[part] = lp
+            mha_parts.setdefault(parent, {})[part] = (layer, lp)
             continue
         module = _get(gm, name)
         if isinstance(module, (nn.Linear, *_CONVS)):
-            whiten = whitening.get(name, {})
-            f = shared.get(module.weight, None, lp, lambda m=module, lp=lp, name=name, w=whiten:
-                           _factor_module(m, lp, name, w), module.bias)
+            f = builder.build(layer, module.weight, module.bias, lp)
             _set_module(gm, name, f)
             nodes: tuple[str, ...] = ()
+            pieces = get_scheme(lp.scheme).layout(layer.geometry, lp.rank)  # type: ignore[arg-type]
             for n, lay in uses:
                 if lay.inside_leaf is None and n.op == "call_module" and n.target == name:
-                    nodes += _inline(gm, n, name, len(f))
+                    nodes += _inline(gm, n, name, pieces)
+                else:
+                    substituted = True
             records.append(RewriteRecord(name, lp.scheme, lp.rank, name, nodes))
         elif node.op == "call_function" and layer.weight is not None:
             for n, lay in uses:
-                records.append(_rewrite_functional(gm, n, lay, lp, shared))
+                records.append(_rewrite_functional(gm, n, lay, lp, builder))
         else:
             raise UnsupportedLayerError(name, "lrfx does not know how to rewrite this layer")
     for parent, parts in mha_parts.items():
         mha = _get(gm, parent)
         assert isinstance(mha, nn.MultiheadAttention)
-        new = LowRankMultiheadAttention.replacing(mha, _mha_factors(mha, parent, parts), parent)
+        factored: dict[str, nn.Module] = {}
+        for part, (layer, lp) in parts.items():
+            weight, bias = mha_projection(mha, part)
+            factored[part] = builder.build(layer, weight, bias, lp)
+        new = LowRankMultiheadAttention.replacing(mha, factored, parent)
         _set_module(gm, parent, new)
-        for part, lp in parts.items():
+        substituted = True
+        for part, (_, lp) in parts.items():
             records.append(RewriteRecord(f"{parent}.{part}", lp.scheme, lp.rank,
                                          f"{parent}.{part}", ()))
     for node in list(gm.graph.nodes):  # dense weights of rewritten functional layers
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)
-    _disable_fused_paths(gm)
+    substituted |= _disable_fused_paths(gm)
     _drop_unused_attributes(gm)
     gm.graph.lint()
     gm.recompile()
+    if substituted:
+        # the hook-measured calls inside leaves and attention modules no longer describe them
+        invalidate(gm, ["shapes"])
     return tuple(records)
 
 
-def _disable_fused_paths(gm: fx.GraphModule) -> None:
+def _disable_fused_paths(gm: fx.GraphModule) -> bool:
     """Keep ``nn.TransformerEncoderLayer``'s fused inference path away from factored layers.
 
     Its fast path reads ``linear1.weight``, ``self_attn.in_proj_weight``... directly; once any
     of its layers is factored, its attention becomes a :class:`LowRankMultiheadAttention`
     (``in_proj_bias`` is None), which makes torch take the ordinary path that calls each layer.
+    Returns whether any module was replaced.
     """
+    changed = False
     for name, m in list(gm.named_modules()):
         if not isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
             continue
@@ -325,6 +378,8 @@ def _disable_fused_paths(gm: fx.GraphModule) -> None:
             mha = getattr(m, attr, None)
             if isinstance(mha, nn.MultiheadAttention):
                 setattr(m, attr, LowRankMultiheadAttention.replacing(mha, {}, f"{name}.{attr}"))
+                changed = True
+    return changed
 
 
 def _get(gm: fx.GraphModule, path: str) -> nn.Module | None:

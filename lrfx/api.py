@@ -1,0 +1,573 @@
+"""The public entry points: ``analyze``, ``allocate``, ``apply``, ``compress``, ``load``.
+
+Each is a short composition of passes into a :class:`~lrfx.Pipeline` over a traced copy of the
+user's model (the model itself is never modified):
+
+=========  ============================================================================
+analyze    trace -> propagate_shapes -> annotate_costs -> compute_spectra
+allocate   (no model) layer options -> allocator -> fill the budget -> resolved plan
+apply      trace -> propagate_shapes -> annotate_costs -> resolve plan -> factorize
+compress   trace -> propagate_shapes -> annotate_costs [-> collect_input_stats]
+           -> compute_spectra (with singular vectors, data-aware with calibration)
+           -> allocate -> factorize (factors from the stored vectors) [-> recalibrate BN]
+load       trace -> propagate_shapes -> annotate_costs -> factorize (shapes only) -> weights
+=========  ============================================================================
+
+The figures after a rewrite (MACs, parameters) come from the plan and the cost model; the
+rewritten graph is not analyzed again.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from lrfx.analysis import Analysis
+from lrfx.decompositions import Spectrum, check_finite
+from lrfx.errors import LrfxError
+from lrfx.facts import get_graph_facts, get_node_facts, update_graph_facts
+from lrfx.io import PLAN_FILE, WEIGHTS_FILE, read_manifest
+from lrfx.passes.allocation import (
+    ALLOCATORS,
+    build_options,
+    check_budget,
+    fill_budget,
+    make_budget,
+    prefer_best_scheme,
+    resolve_schemes,
+    to_plan,
+)
+from lrfx.passes.analysis import (
+    CalibrationOptions,
+    SpectraOptions,
+    annotate_costs,
+    collect_input_stats,
+    compute_spectra,
+    propagate_shapes,
+)
+from lrfx.passes.analysis.spectra import layer_weight
+from lrfx.passes.rewrite import FactorizeOptions, factorize
+from lrfx.pipeline import GraphPass, PassContext, Pipeline
+from lrfx.plan import LayerPlan, RankPlan
+from lrfx.report import CompressionReport
+from lrfx.tracing import as_input_tuple, check_module, trace
+
+__all__ = [
+    "allocate",
+    "analyze",
+    "apply",
+    "as_plan",
+    "compress",
+    "count_macs",
+    "load",
+    "recalibrate_bn",
+    "run_analysis",
+    "validate_plan",
+]
+
+log = logging.getLogger(__name__)
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+# --- analysis -------------------------------------------------------------------------------------
+
+
+def _analysis_passes(spectra: bool) -> list[GraphPass[Any]]:
+    passes: list[GraphPass[Any]] = [propagate_shapes, annotate_costs]
+    if spectra:
+        passes.append(compute_spectra)
+    return passes
+
+
+def run_analysis(
+    gm: fx.GraphModule, example_inputs: Any, *, spectra: bool = True, progress: bool = False
+) -> Analysis:
+    """Run the analysis passes on an already traced graph module; returns the :class:`Analysis`.
+
+    Example:
+        >>> import torch, torchvision, lrfx
+        >>> gm = lrfx.trace(torchvision.models.resnet18())
+        >>> lrfx.run_analysis(gm, torch.randn(1, 3, 224, 224), spectra=False).total_macs
+        1814073344
+    """
+    ctx = PassContext(example_inputs=as_input_tuple(example_inputs), progress=progress)
+    Pipeline(_analysis_passes(spectra)).run(gm, ctx)
+    return Analysis.from_graph(gm)
+
+
+def analyze(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    spectra: bool = True,
+    progress: bool = False,
+    leaf_modules: Sequence[type[nn.Module] | str] = (),
+) -> Analysis:
+    """Trace ``model`` and report per-layer MACs, parameters and singular-value spectra.
+
+    Args:
+        model: Any ``nn.Module``; it is not modified.
+        example_inputs: A tensor or a tuple of positional inputs.
+        spectra: Also compute the singular values of every factorable layer.
+        progress: Show a progress bar while computing spectra.
+        leaf_modules: Module types or qualified names to keep as leaves.
+
+    Returns:
+        An :class:`Analysis`; ``print(a.table())`` shows it, ``a.to_json()`` serializes it.
+
+    Example:
+        >>> import torch, torchvision, lrfx
+        >>> a = lrfx.analyze(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
+        >>> a["layer1.0.conv1"].rank_at_energy("channel", 0.9) <= 64
+        True
+    """
+    check_module(model)
+    inputs = as_input_tuple(example_inputs)
+    gm = trace(model, leaf_modules=leaf_modules)
+    return run_analysis(gm, inputs, spectra=spectra, progress=progress)
+
+
+def count_macs(model: nn.Module, example_inputs: Any) -> int:
+    """Total multiply-accumulates of ``model`` at the given input (conv, linear, matmul-like).
+
+    Example:
+        >>> import torch, torchvision, lrfx
+        >>> lrfx.count_macs(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
+        1814073344
+    """
+    return analyze(model, example_inputs, spectra=False).total_macs
+
+
+# --- allocation -----------------------------------------------------------------------------------
+
+
+def _check_allocator(allocator: str) -> None:
+    if allocator not in ALLOCATORS:
+        raise LrfxError(f"unknown allocator {allocator!r}; choose one of {', '.join(ALLOCATORS)}")
+
+
+def allocate(
+    analysis: Analysis,
+    *,
+    macs: float | int | None = None,
+    params: float | int | None = None,
+    allocator: str = "lc",
+    scheme: str = "auto",
+    round_to: int | None = None,
+    spectra: Mapping[str, Mapping[str, Spectrum]] | None = None,
+    **settings: Any,
+) -> tuple[RankPlan, dict[str, float]]:
+    """Choose ranks for a budget from an analysis (pure: no model is touched).
+
+    Args:
+        analysis: From :func:`lrfx.analyze` (with spectra).
+        macs, params: The budget: a fraction of the model's total in (0, 1], or an absolute count.
+        allocator: ``lc``, ``energy``, ``global_sigma`` or ``uniform``.
+        scheme: ``auto`` or one of ``channel``, ``spatial``, ``tucker2`` (Linear layers use svd).
+        round_to: Round ranks to multiples of this.
+        spectra: Per layer spectra to use instead of the analysis's (whitened ones).
+        settings: Allocator settings (``rank_min`` for global_sigma...).
+
+    Returns:
+        The plan, resolved (weight shapes and predicted MACs/params filled in), and the
+        predicted relative error of each factored layer.
+
+    Raises:
+        BudgetInfeasibleError: Even the cheapest plan exceeds the budget (says the minimum).
+
+    Example:
+        >>> import torch, torchvision, lrfx
+        >>> a = lrfx.analyze(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
+        >>> plan, errors = lrfx.allocate(a, macs=0.5)
+        >>> plan.macs <= 0.5 * a.total_macs
+        True
+    """
+    _check_allocator(allocator)
+    budget = make_budget(macs, params, analysis.total_macs, analysis.total_params)
+    options = build_options(analysis.layers, metric=budget.metric, schemes=scheme,
+                            round_to=round_to, spectra=spectra)
+    fixed = budget.total - sum(int(o.cost[0]) for o in options)
+    choice, used = ALLOCATORS[allocator](options, budget, fixed, **settings)
+    if scheme == "auto" and allocator != "lc":
+        choice = prefer_best_scheme(choice, options)
+    choice = fill_budget(choice, options, fixed, budget)
+    whitened = spectra is not None or any(
+        sp.whitened for rec in analysis.factorable for sp in rec.spectra.values())
+    used.update(metric=budget.metric, target=budget.target, fraction=budget.fraction,
+                scheme=scheme, round_to=round_to, whitened=whitened)
+    plan = to_plan(choice, allocator, used).resolve(analysis)
+    errors = {name: c.error for name, c in choice.items() if c.scheme != "dense"}
+    return plan, errors
+
+
+# --- rewriting ------------------------------------------------------------------------------------
+
+
+def as_plan(plan: Any) -> RankPlan:
+    """Accept a :class:`RankPlan`, a path to its JSON, or a mapping of layer plans."""
+    if isinstance(plan, RankPlan):
+        return plan
+    if isinstance(plan, (str, Path)):
+        path = Path(plan)
+        if not path.is_file():
+            raise LrfxError(f"plan file {str(path)!r} does not exist")
+        return RankPlan.from_json(path.read_text())
+    if isinstance(plan, Mapping):
+        return RankPlan(plan)
+    raise LrfxError(f"plan must be a lrfx.RankPlan, a path to its JSON, or a mapping of layer "
+                    f"name to LayerPlan; got {type(plan).__name__}")
+
+
+def _report(before: Analysis, plan: RankPlan, errors: Mapping[str, float] | None, *,
+            allocator: str = "", scheme: str = "", whitened: bool = False,
+            seconds: float = 0.0) -> CompressionReport:
+    rows = []
+    for name, lp in plan.factored.items():
+        rec = before[name]
+        rows.append({
+            "layer": name,
+            "scheme": lp.scheme,
+            "rank": list(lp.rank) if isinstance(lp.rank, tuple) else lp.rank,
+            "macs_before": rec.macs,
+            "macs_after": lp.macs,
+            "params_before": rec.params,
+            "params_after": lp.params,
+            "error": None if errors is None else errors.get(name),
+        })
+    budget = {k: plan.settings[k] for k in ("metric", "target", "fraction") if k in plan.settings}
+    return CompressionReport(
+        layers=tuple(rows),
+        macs_before=before.total_macs,
+        macs_after=int(plan.macs if plan.macs is not None else before.total_macs),
+        params_before=before.total_params,
+        params_after=int(plan.params if plan.params is not None else before.total_params),
+        budget=budget,
+        allocator=allocator,
+        scheme=scheme,
+        whitened=whitened,
+        seconds=seconds,
+    )
+
+
+def _refresh_layers(gm: fx.GraphModule) -> None:
+    """Re-annotate layer facts after a rewrite that kept the shapes valid (no forward pass)."""
+    if "shapes" in get_graph_facts(gm).provided:
+        annotate_costs(gm)
+
+
+def _check_weights(gm: fx.GraphModule, plan: RankPlan) -> None:
+    """Refuse planned layers whose weights hold NaN/Inf before anything changes."""
+    wanted = plan.factored
+    for node in gm.graph.nodes:
+        facts = get_node_facts(node)
+        for layer in facts.layers if facts else ():
+            if layer.name in wanted:
+                w = layer_weight(gm, layer)
+                if w is not None:
+                    check_finite(w, layer.name)
+
+
+def apply(
+    model: nn.Module,
+    plan: RankPlan | Mapping[str, LayerPlan] | str | Path,
+    example_inputs: Any,
+    *,
+    leaf_modules: Sequence[type[nn.Module] | str] = (),
+) -> fx.GraphModule:
+    """Rewrite ``model`` so that every layer the plan names becomes its factored subgraph.
+
+    The model is traced (a deep copy: the caller's model is never modified), the plan is checked
+    against it before anything changes, and the rewrite pass replaces each planned layer. The
+    result is an ordinary ``GraphModule``: trainable, and exportable with :func:`lrfx.export`.
+
+    Args:
+        model: The model to compress.
+        plan: A :class:`RankPlan` (or a path to its JSON, or a dict of ``LayerPlan``).
+        example_inputs: A tensor or a tuple of positional inputs (used for shapes and MACs).
+        leaf_modules: Module types or qualified names to keep as leaves while tracing.
+
+    Returns:
+        The rewritten graph module. ``gm.meta["lrfx"]`` holds ``plan`` (resolved, with predicted
+        MACs/params), ``report`` (a :class:`CompressionReport`) and ``rewrites``.
+
+    Raises:
+        PlanMismatchError: The plan names a layer the model does not have, or other shapes.
+        UnsupportedLayerError: A scheme does not fit a layer, or a rank is out of range.
+        LrfxError: A planned layer's weight holds NaN or Inf.
+
+    Example:
+        >>> import torch, torchvision, lrfx
+        >>> model = torchvision.models.resnet18()
+        >>> x = torch.randn(1, 3, 224, 224)
+        >>> gm = lrfx.apply(model, lrfx.RankPlan({"fc": lrfx.LayerPlan("svd", 64)}), x)
+        >>> type(gm.fc).__name__, gm.fc[0].weight.shape
+        ('Factored', torch.Size([64, 512]))
+    """
+    t0 = time.perf_counter()
+    check_module(model)
+    inputs = as_input_tuple(example_inputs)
+    rank_plan = as_plan(plan)
+    gm = trace(model, leaf_modules=leaf_modules)
+    before = run_analysis(gm, inputs, spectra=False)
+    resolved = rank_plan.resolve(before)
+    _check_weights(gm, resolved)
+    records = factorize(gm, FactorizeOptions(plan=resolved))
+    _refresh_layers(gm)
+    report = _report(before, resolved, None, seconds=time.perf_counter() - t0)
+    update_graph_facts(gm, plan=resolved, report=report, rewrites=records)
+    return gm
+
+
+def recalibrate_bn(model: nn.Module, batches: Iterable[Any]) -> int:
+    """Re-estimate every BatchNorm's running statistics from ``batches`` (in place).
+
+    The statistics are reset and recomputed as an exact average over the batches (momentum
+    ``None``); other layers stay in eval mode (no dropout), nothing else changes, and every
+    module's training flag and momentum are restored afterwards.
+
+    Returns:
+        The number of BatchNorm layers recalibrated (0 if the model has none).
+
+    Example:
+        >>> import torch, torchvision
+        >>> m = torchvision.models.resnet18()
+        >>> recalibrate_bn(m, [torch.randn(4, 3, 64, 64) for _ in range(2)])
+        20
+    """
+    bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
+    if not bns:
+        return 0
+    flags = [(m, m.training) for m in model.modules()]
+    momenta = [(bn, bn.momentum) for bn in bns]
+    model.eval()
+    try:
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None
+            bn.train()
+        n = 0
+        with torch.no_grad():
+            for batch in batches:
+                model(*as_input_tuple(batch, "batches"))
+                n += 1
+        if n == 0:
+            raise LrfxError("recalibrate_bn needs at least one batch")
+    finally:
+        for m, flag in flags:
+            m.training = flag
+        for bn, mom in momenta:
+            bn.momentum = mom
+    return len(bns)
+
+
+def compress(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    macs: float | int | None = None,
+    params: float | int | None = None,
+    allocator: str = "lc",
+    scheme: str = "auto",
+    calibration: Iterable[Any] | None = None,
+    round_to: int | None = None,
+    recalibrate: bool = True,
+    leaf_modules: Sequence[type[nn.Module] | str] = (),
+    progress: bool = False,
+    precision: str = "auto",
+    **settings: Any,
+) -> fx.GraphModule:
+    """Compress ``model`` to a MACs or parameter budget in one call.
+
+    Traces the model (a copy: the caller's model is never modified), computes spectra (whitened
+    by the calibration data when given) with their singular vectors, allocates ranks for the
+    budget, rewrites the graph with factors taken from those vectors and, with calibration data,
+    re-estimates BatchNorm statistics.
+
+    Args:
+        model: The model.
+        example_inputs: A tensor or tuple of positional inputs (shapes for MACs).
+        macs, params: The budget (exactly one): a fraction in (0, 1] or an absolute count.
+        allocator: ``lc`` (default), ``energy``, ``global_sigma`` or ``uniform``.
+        scheme: ``auto`` (per layer, the scheme with the lowest error for the cost) or one of
+            ``channel``, ``spatial``, ``tucker2``; Linear layers always use ``svd``.
+        calibration: A few batches (tensors or tuples of inputs) for data-aware (whitened)
+            factorization and BN recalibration.
+        round_to: Round ranks to multiples of this (e.g. 8 for SIMD-friendly shapes).
+        recalibrate: Re-estimate BN statistics on the calibration data (when given).
+        leaf_modules: Module types or names to keep as leaves while tracing.
+        progress: Show progress bars.
+        precision: Of the spectra: ``auto`` (float64 for small unfoldings, float32 above 512
+            rows and columns), ``float64`` or ``float32``.
+        settings: Allocator settings, e.g. ``rank_min=5`` for ``global_sigma``.
+
+    Returns:
+        The compressed graph module; ``gm.meta["lrfx"]`` holds ``plan``, ``report`` (a
+        :class:`CompressionReport`) and ``rewrites``.
+
+    Raises:
+        LrfxError: Bad budget (none or both, zero, negative, fraction above 1), unknown
+            allocator or scheme.
+        BudgetInfeasibleError: The budget is below the smallest reachable cost.
+        ShapeError: A calibration batch does not fit the model (names the node).
+
+    Example:
+        >>> import torch, torchvision, lrfx
+        >>> gm = lrfx.compress(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224),
+        ...                    macs=0.5)
+        >>> gm.meta["lrfx"].report.macs_after <= 0.5 * 1814073344
+        True
+    """
+    t0 = time.perf_counter()
+    check_module(model)
+    _check_allocator(allocator)
+    resolve_schemes(scheme)
+    check_budget(macs, params)
+    inputs = as_input_tuple(example_inputs)
+    batches = None if calibration is None else list(calibration)
+    gm = trace(model, leaf_modules=leaf_modules)
+    passes: list[GraphPass[Any]] = [propagate_shapes, annotate_costs]
+    options: list[Any] = [SpectraOptions(vectors=True, precision=precision)]
+    if batches is not None:
+        passes.append(collect_input_stats)
+        options.append(CalibrationOptions(calibration=batches))
+    passes.append(compute_spectra)
+    ctx = PassContext(example_inputs=inputs, progress=progress, options=options)
+    Pipeline(passes).run(gm, ctx)
+    before = Analysis.from_graph(gm)
+    if not before.factorable:
+        log.warning("%s has no layer lrfx can factor; returning an equivalent graph",
+                    type(model).__name__)
+    plan, errors = allocate(before, macs=macs, params=params, allocator=allocator,
+                            scheme=scheme, round_to=round_to, **settings)
+    records = factorize(gm, FactorizeOptions(plan=plan))
+    _refresh_layers(gm)
+    if batches is not None and recalibrate:
+        recalibrate_bn(gm, batches)
+    report = _report(before, plan, errors, allocator=allocator, scheme=scheme,
+                     whitened=batches is not None, seconds=time.perf_counter() - t0)
+    update_graph_facts(gm, plan=plan, report=report, rewrites=records)
+    return gm
+
+
+def validate_plan(plan: RankPlan | Mapping[str, LayerPlan] | str | Path, model: nn.Module,
+                  example_inputs: Any) -> RankPlan:
+    """Check a plan against a model at the given inputs; returns it resolved.
+
+    Raises:
+        PlanMismatchError: Names the first layer that does not fit.
+        UnsupportedLayerError: A scheme does not apply to a layer, or a rank is out of range.
+    """
+    return as_plan(plan).resolve(analyze(model, example_inputs, spectra=False))
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+
+def _blank_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are zeros (their values are about
+    to be replaced: nothing is copied). Tied parameters stay tied; tensors kept as plain
+    attributes are copied as they are."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo.setdefault(id(p), nn.Parameter(torch.zeros_like(p), requires_grad=p.requires_grad))
+    for b in model.buffers():
+        memo.setdefault(id(b), torch.zeros_like(b))
+    return copy.deepcopy(model, memo)
+
+
+def _assign_weights(gm: fx.GraphModule, file: Path, model: nn.Module, where: str) -> None:
+    """Put the saved tensors into ``gm`` (by assignment, no copy), tying aliases again, and
+    take the buffers a checkpoint does not hold (non-persistent ones) from ``model``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        saved = load_file(str(file))
+    except (SafetensorError, OSError) as exc:
+        raise LrfxError(f"cannot read the weights {str(file)!r}: {exc}") from exc
+    groups: dict[int, list[tuple[str, torch.Tensor, bool]]] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append((name, p, True))
+    for name, b in gm.named_buffers(remove_duplicate=False):
+        groups.setdefault(id(b), []).append((name, b, False))
+    known = dict(model.named_buffers(remove_duplicate=False))
+    full: dict[str, Any] = {}
+    used: set[str] = set()
+    missing = []
+    for members in groups.values():
+        hit = next((n for n, _, _ in members if n in saved), None)
+        name0, t0, is_param = members[0]
+        if hit is not None:
+            value: Any = saved[hit]
+            used.add(hit)
+            if is_param:
+                value = nn.Parameter(value, requires_grad=t0.requires_grad)
+        elif not is_param and name0 in known:
+            value = known[name0].detach().clone()  # a buffer the checkpoint does not hold
+        else:
+            missing.append(name0)
+            continue
+        for name, _, _ in members:
+            full[name] = value
+    unexpected = sorted(set(saved) - used - set(full))
+    if missing or unexpected:
+        raise LrfxError(
+            f"the weights in {where!r} do not fit the rebuilt model (missing: {missing[:5]}, "
+            f"unexpected: {unexpected[:5]}); pass the same architecture the plan was made for"
+        )
+    gm.load_state_dict(full, strict=False, assign=True)
+
+
+def load(
+    path: str | Path,
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    leaf_modules: Sequence[type[nn.Module] | str] = (),
+) -> fx.GraphModule:
+    """Rebuild a saved rewrite: the plan's factored shapes on ``model``, then the saved weights.
+
+    Nothing is decomposed and no weight is copied: the model's structure is copied with blank
+    tensors, traced and rewritten (factored shapes only, from the plan), and the saved tensors
+    are then assigned in place. Models whose forward cannot run on blank weights (a leaf with
+    data-dependent checks, say) are rebuilt from a full copy instead.
+
+    Args:
+        path: A directory written by :func:`lrfx.save`.
+        model: The original (dense) architecture; its weights are not used (nor modified).
+        example_inputs: Inputs of the shapes the model was rewritten at.
+
+    Returns:
+        A graph module whose outputs equal those of the one that was saved, in ``model``'s
+        training mode.
+    """
+    t0 = time.perf_counter()
+    check_module(model)
+    d = Path(path)
+    read_manifest(d)
+    plan = RankPlan.from_json((d / PLAN_FILE).read_text())
+    inputs = as_input_tuple(example_inputs)
+    try:
+        gm = trace(_blank_copy(model), leaf_modules=leaf_modules, copy_model=False)
+        before = run_analysis(gm, inputs, spectra=False)
+    except Exception as exc:  # a forward that needs real weights: use a full copy
+        log.info("cannot rebuild %s on blank weights (%s); using a full copy",
+                 type(model).__name__, exc)
+        gm = trace(model, leaf_modules=leaf_modules)
+        before = run_analysis(gm, inputs, spectra=False)
+    resolved = plan.resolve(before)
+    records = factorize(gm, FactorizeOptions(plan=resolved, decompose=False))
+    _refresh_layers(gm)
+    _assign_weights(gm, d / WEIGHTS_FILE, model, str(d))
+    gm.train(model.training)
+    report = _report(before, resolved, None, seconds=time.perf_counter() - t0)
+    update_graph_facts(gm, plan=resolved, report=report, rewrites=records)
+    return gm

@@ -1,0 +1,109 @@
+"""What a rewrite did: the per-layer rewrite records and the before/after report.
+
+``lrfx.apply`` and ``lrfx.compress`` both leave a :class:`CompressionReport` in
+``gm.meta["lrfx"].report``; its per-layer figures come from the plan and the cost model (the
+rewritten graph is re-counted only in tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["CompressionReport", "RewriteRecord"]
+
+
+@dataclass(frozen=True)
+class RewriteRecord:
+    """What the rewrite did to one layer.
+
+    Attributes:
+        name: The layer (plan key).
+        scheme, rank: How it was factored.
+        path: Where the factored module lives in the graph module.
+        nodes: Graph nodes created for it (empty for module substitution).
+    """
+
+    name: str
+    scheme: str
+    rank: Any
+    path: str
+    nodes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CompressionReport:
+    """Before/after figures of one rewrite (``gm.meta["lrfx"].report``).
+
+    Iterating over a report yields its per-layer rows (``report[0]["layer"]``...).
+
+    Attributes:
+        layers: Per factored layer: ``layer``, ``scheme``, ``rank``, ``macs_before``,
+            ``macs_after``, ``params_before``, ``params_after`` and ``error``: the relative
+            squared truncation error the allocator predicted (of the weight, or of the layer's
+            output on the calibration data when whitened); ``None`` when no spectra were known.
+        macs_before, macs_after, params_before, params_after: Model totals.
+        budget: ``{"metric", "target", "fraction"}`` (empty for a hand-written plan).
+        allocator, scheme, whitened: How the plan was made.
+        seconds: Wall time of the whole call.
+    """
+
+    layers: tuple[Mapping[str, Any], ...]
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    budget: Mapping[str, Any] = field(default_factory=dict)
+    allocator: str = ""
+    scheme: str = ""
+    whitened: bool = False
+    seconds: float = 0.0
+
+    def __iter__(self) -> Iterator[Mapping[str, Any]]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i: int) -> Mapping[str, Any]:
+        return self.layers[i]
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_after / self.macs_before if self.macs_before else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "allocator": self.allocator,
+            "scheme": self.scheme,
+            "whitened": self.whitened,
+            "budget": dict(self.budget),
+            "macs_before": self.macs_before,
+            "macs_after": self.macs_after,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "seconds": self.seconds,
+            "layers": [dict(x) for x in self.layers],
+        }
+
+    def table(self) -> str:
+        """Per-layer lines and a totals line, as plain text."""
+        cols = ["layer", "scheme", "rank", "MACs before", "MACs after", "error"]
+        rows = [[str(x["layer"]), str(x["scheme"]), str(x["rank"]), f"{x['macs_before']:,}",
+                 f"{x['macs_after']:,}",
+                 "-" if x.get("error") is None else f"{x['error']:.4f}"] for x in self.layers]
+        width = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
+
+        def line(r: Sequence[str]) -> str:
+            return "  ".join(v.ljust(w) if i < 3 else v.rjust(w)
+                             for i, (v, w) in enumerate(zip(r, width, strict=True)))
+
+        out = [line(cols)] + [line(r) for r in rows]
+        how = f"{self.allocator}, scheme {self.scheme}" if self.allocator else "plan"
+        out.append(
+            f"MACs {self.macs_before:,} -> {self.macs_after:,} ({self.macs_ratio:.3f}x); params "
+            f"{self.params_before:,} -> {self.params_after:,}; {len(self.layers)} layers "
+            f"factored ({how}{', whitened' if self.whitened else ''}) in {self.seconds:.1f} s"
+        )
+        return "\n".join(out)
