@@ -51,8 +51,10 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs
         TraceError,
         UnsupportedLayerError,
     )
-    from lrfx.facts import GraphFacts, LayerFacts, NodeFacts, Spectrum
+    from lrfx.facts import GraphFacts, LayerFacts, NodeFacts, Spectrum, facts_of
+    from lrfx.inputs import Inputs
     from lrfx.io import export, save
+    from lrfx.layers import LinearLike, register_linear_like
     from lrfx.pipeline import (
         GraphPass,
         PassContext,
@@ -95,6 +97,10 @@ _EXPORTS: dict[str, str] = {
     "LayerFacts": "lrfx.facts",
     "NodeFacts": "lrfx.facts",
     "Spectrum": "lrfx.facts",
+    "facts_of": "lrfx.facts",
+    "Inputs": "lrfx.inputs",
+    "LinearLike": "lrfx.layers",
+    "register_linear_like": "lrfx.layers",
     "export": "lrfx.io",
     "save": "lrfx.io",
     "GraphPass": "lrfx.pipeline",

@@ -50,6 +50,8 @@ class LayerRecord:
         note: Why the layer is not factorable.
         inside_leaf: The leaf module the layer hides in, if any.
         spectra: Singular values per unfolding.
+        folded: A weight-transform layer (weight standardization...): its spectra and factors
+            are those of the weight its forward computes (see :mod:`lrfx.layers`).
     """
 
     name: str
@@ -62,6 +64,7 @@ class LayerRecord:
     note: str = ""
     inside_leaf: str | None = None
     spectra: Mapping[str, Spectrum] = field(default_factory=lambda: FrozenMap({}))
+    folded: bool = False
 
     @property
     def weight_shape(self) -> tuple[int, ...] | None:
@@ -114,6 +117,8 @@ class LayerRecord:
             d["note"] = self.note
         if self.inside_leaf:
             d["inside_leaf"] = self.inside_leaf
+        if self.folded:
+            d["folded"] = True
         if self.spectra:
             d["rank_at_energy"] = {
                 s: {f"{e:g}": self.rank_at_energy(s, e) for e in ENERGY_LEVELS}
@@ -137,6 +142,9 @@ class Analysis:
         input_shapes: Shapes of the example inputs.
         leaves: Submodules kept as leaves, with the reason.
         model: Class name of the analyzed model.
+        mode: How the model was captured: ``fx`` or ``module`` (see :mod:`lrfx.tracing`).
+        mode_reason: Why module mode was used (the top-level trace error).
+        notes: What module mode's trace fixed to the example inputs (branches taken...).
     """
 
     layers: tuple[LayerRecord, ...]
@@ -145,6 +153,9 @@ class Analysis:
     input_shapes: tuple[tuple[int, ...], ...] = ()
     leaves: tuple[LeafInfo, ...] = ()
     model: str = ""
+    mode: str = "fx"
+    mode_reason: str = ""
+    notes: tuple[str, ...] = ()
 
     @functools.cached_property
     def _index(self) -> dict[str, LayerRecord]:
@@ -200,6 +211,7 @@ class Analysis:
                     note=first.note,
                     inside_leaf=first.inside_leaf,
                     spectra=first.spectra,
+                    folded=first.weight_effective,
                 )
             )
         g = get_graph_facts(gm)
@@ -210,6 +222,9 @@ class Analysis:
             input_shapes=g.input_shapes,
             leaves=g.leaves,
             model=type(gm).__name__,
+            mode=g.capture.mode,
+            mode_reason=g.capture.reason,
+            notes=g.capture.notes,
         )
 
     def to_dict(self, spectra: bool = False) -> dict[str, Any]:
@@ -218,6 +233,9 @@ class Analysis:
             "input_shapes": [list(s) for s in self.input_shapes],
             "total_macs": self.total_macs,
             "total_params": self.total_params,
+            "mode": self.mode,
+            "mode_reason": self.mode_reason,
+            "notes": list(self.notes),
             "leaves": [{"name": x.name, "type": x.type, "reason": x.reason} for x in self.leaves],
             "layers": [layer.to_dict(spectra) for layer in self.layers],
         }
@@ -237,7 +255,7 @@ class Analysis:
             out.append(
                 {
                     "layer": layer.name,
-                    "kind": layer.kind,
+                    "kind": layer.kind + ("*" if layer.folded else ""),
                     "shape": "x".join(map(str, layer.weight_shape)) if layer.weight_shape else "",
                     "MACs": f"{layer.macs:,}",
                     "params": f"{layer.params:,}" if layer.params else "",
@@ -267,6 +285,18 @@ class Analysis:
             f"total: {self.total_macs:,} MACs ({self.total_macs / 1e9:.3f} G), "
             f"{self.total_params:,} parameters, {len(self.factorable)} factorable layers"
         )
+        lines += self.footer()
+        return "\n".join(lines)
+
+    def footer(self) -> list[str]:
+        """Lines after the table: capture mode, leaves, folded layers."""
+        lines = []
+        if self.mode == "module":
+            lines.append(f"captured in module mode: {self.mode_reason}; layers are replaced by "
+                         "module substitution (the compressed model keeps its class)")
         for leaf in self.leaves:
             lines.append(f"leaf module {leaf.name} ({leaf.type}): {leaf.reason}")
-        return "\n".join(lines)
+        if any(layer.folded for layer in self.layers):
+            lines.append("* weight-transform layer: the weight its forward computes is analyzed "
+                         "and factored (the transform is folded in)")
+        return lines

@@ -19,7 +19,7 @@ rewritten graph is not analyzed again.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,7 +32,13 @@ from torch import fx, nn
 from lrfx.analysis import Analysis
 from lrfx.decompositions import Spectrum, check_finite
 from lrfx.errors import LrfxError
-from lrfx.facts import get_graph_facts, get_node_facts, update_graph_facts
+from lrfx.facts import (
+    attach_facts,
+    get_graph_facts,
+    get_node_facts,
+    update_graph_facts,
+)
+from lrfx.inputs import Inputs
 from lrfx.io import PLAN_FILE, WEIGHTS_FILE, read_manifest
 from lrfx.passes.allocation import (
     ALLOCATORS,
@@ -57,7 +63,7 @@ from lrfx.passes.rewrite import FactorizeOptions, factorize
 from lrfx.pipeline import GraphPass, PassContext, Pipeline
 from lrfx.plan import LayerPlan, RankPlan
 from lrfx.report import CompressionReport
-from lrfx.tracing import as_input_tuple, check_module, trace
+from lrfx.tracing import call_inputs, capture, check_module, copy_model
 
 __all__ = [
     "allocate",
@@ -98,9 +104,25 @@ def run_analysis(
         >>> lrfx.run_analysis(gm, torch.randn(1, 3, 224, 224), spectra=False).total_macs
         1814073344
     """
-    ctx = PassContext(example_inputs=as_input_tuple(example_inputs), progress=progress)
+    ctx = PassContext(example_inputs=_feed(gm, example_inputs), progress=progress)
     Pipeline(_analysis_passes(spectra)).run(gm, ctx)
     return Analysis.from_graph(gm)
+
+
+def _feed(gm: fx.GraphModule, example_inputs: Any) -> tuple[Any, ...]:
+    """The graph's positional arguments for inputs in any accepted form."""
+    return get_graph_facts(gm).input_spec.feed(Inputs.of(example_inputs))
+
+
+def _result(gm: fx.GraphModule) -> nn.Module:
+    """What a rewrite returns: the graph module (FX mode), or the model copy the layers were
+    substituted into (module mode), carrying the same facts."""
+    facts = get_graph_facts(gm)
+    root = facts.capture.root
+    if facts.capture.mode != "module" or root is None:
+        return gm
+    attach_facts(root, facts.replace(capture=dataclasses.replace(facts.capture, root=None)))
+    return root
 
 
 def analyze(
@@ -110,15 +132,19 @@ def analyze(
     spectra: bool = True,
     progress: bool = False,
     leaf_modules: Sequence[type[nn.Module] | str] = (),
+    mode: str = "auto",
 ) -> Analysis:
     """Trace ``model`` and report per-layer MACs, parameters and singular-value spectra.
 
     Args:
         model: Any ``nn.Module``; it is not modified.
-        example_inputs: A tensor or a tuple of positional inputs.
+        example_inputs: A tensor, a tuple of positional inputs, a mapping of keyword inputs, or
+            ``(args, kwargs)``.
         spectra: Also compute the singular values of every factorable layer.
         progress: Show a progress bar while computing spectra.
         leaf_modules: Module types or qualified names to keep as leaves.
+        mode: How to capture the model: ``auto``, ``fx`` or ``module`` (see
+            :func:`lrfx.tracing.capture`).
 
     Returns:
         An :class:`Analysis`; ``print(a.table())`` shows it, ``a.to_json()`` serializes it.
@@ -130,9 +156,8 @@ def analyze(
         True
     """
     check_module(model)
-    inputs = as_input_tuple(example_inputs)
-    gm = trace(model, leaf_modules=leaf_modules)
-    return run_analysis(gm, inputs, spectra=spectra, progress=progress)
+    gm = capture(model, example_inputs, leaf_modules=leaf_modules, mode=mode)
+    return run_analysis(gm, example_inputs, spectra=spectra, progress=progress)
 
 
 def count_macs(model: nn.Module, example_inputs: Any) -> int:
@@ -244,6 +269,9 @@ def _report(before: Analysis, plan: RankPlan, errors: Mapping[str, float] | None
         })
     budget = {k: plan.settings[k] for k in ("metric", "target", "fraction") if k in plan.settings}
     return CompressionReport(
+        mode=before.mode,
+        mode_reason=before.mode_reason,
+        leaves={leaf.name: leaf.reason for leaf in before.leaves},
         layers=tuple(rows),
         macs_before=before.total_macs,
         macs_after=int(plan.macs if plan.macs is not None else before.total_macs),
@@ -261,6 +289,16 @@ def _refresh_layers(gm: fx.GraphModule) -> None:
     """Re-annotate layer facts after a rewrite that kept the shapes valid (no forward pass)."""
     if "shapes" in get_graph_facts(gm).provided:
         annotate_costs(gm)
+
+
+def _runner(gm: fx.GraphModule) -> Any:
+    """How calibration batches run: through the model itself in module mode (the graph is
+    specialized to the example), else through the graph."""
+    capture_info = get_graph_facts(gm).capture
+    if capture_info.mode == "module" and capture_info.root is not None:
+        root = capture_info.root
+        return lambda batch: call_inputs(root, Inputs.of(batch, "calibration batch")).call(root)
+    return None
 
 
 def _check_weights(gm: fx.GraphModule, plan: RankPlan) -> None:
@@ -281,7 +319,8 @@ def apply(
     example_inputs: Any,
     *,
     leaf_modules: Sequence[type[nn.Module] | str] = (),
-) -> fx.GraphModule:
+    mode: str = "auto",
+) -> nn.Module:
     """Rewrite ``model`` so that every layer the plan names becomes its factored subgraph.
 
     The model is traced (a deep copy: the caller's model is never modified), the plan is checked
@@ -313,17 +352,16 @@ def apply(
     """
     t0 = time.perf_counter()
     check_module(model)
-    inputs = as_input_tuple(example_inputs)
     rank_plan = as_plan(plan)
-    gm = trace(model, leaf_modules=leaf_modules)
-    before = run_analysis(gm, inputs, spectra=False)
+    gm = capture(model, example_inputs, leaf_modules=leaf_modules, mode=mode)
+    before = run_analysis(gm, example_inputs, spectra=False)
     resolved = rank_plan.resolve(before)
     _check_weights(gm, resolved)
     records = factorize(gm, FactorizeOptions(plan=resolved))
     _refresh_layers(gm)
     report = _report(before, resolved, None, seconds=time.perf_counter() - t0)
     update_graph_facts(gm, plan=resolved, report=report, rewrites=records)
-    return gm
+    return _result(gm)
 
 
 def recalibrate_bn(model: nn.Module, batches: Iterable[Any]) -> int:
@@ -356,7 +394,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[Any]) -> int:
         n = 0
         with torch.no_grad():
             for batch in batches:
-                model(*as_input_tuple(batch, "batches"))
+                call_inputs(model, Inputs.of(batch, f"batch {n}")).call(model)
                 n += 1
         if n == 0:
             raise LrfxError("recalibrate_bn needs at least one batch")
@@ -382,8 +420,9 @@ def compress(
     leaf_modules: Sequence[type[nn.Module] | str] = (),
     progress: bool = False,
     precision: str = "auto",
+    mode: str = "auto",
     **settings: Any,
-) -> fx.GraphModule:
+) -> nn.Module:
     """Compress ``model`` to a MACs or parameter budget in one call.
 
     Traces the model (a copy: the caller's model is never modified), computes spectra (whitened
@@ -430,16 +469,16 @@ def compress(
     _check_allocator(allocator)
     resolve_schemes(scheme)
     check_budget(macs, params)
-    inputs = as_input_tuple(example_inputs)
     batches = None if calibration is None else list(calibration)
-    gm = trace(model, leaf_modules=leaf_modules)
+    gm = capture(model, example_inputs, leaf_modules=leaf_modules, mode=mode)
     passes: list[GraphPass[Any]] = [propagate_shapes, annotate_costs]
     options: list[Any] = [SpectraOptions(vectors=True, precision=precision)]
     if batches is not None:
         passes.append(collect_input_stats)
-        options.append(CalibrationOptions(calibration=batches))
+        options.append(CalibrationOptions(calibration=batches, run=_runner(gm)))
     passes.append(compute_spectra)
-    ctx = PassContext(example_inputs=inputs, progress=progress, options=options)
+    ctx = PassContext(example_inputs=_feed(gm, example_inputs), progress=progress,
+                      options=options)
     Pipeline(passes).run(gm, ctx)
     before = Analysis.from_graph(gm)
     if not before.factorable:
@@ -449,12 +488,16 @@ def compress(
                             scheme=scheme, round_to=round_to, **settings)
     records = factorize(gm, FactorizeOptions(plan=plan))
     _refresh_layers(gm)
+    result = _result(gm)
     if batches is not None and recalibrate:
-        recalibrate_bn(gm, batches)
+        recalibrate_bn(result, batches if result is not gm else
+                       [_feed(gm, b) for b in batches])
     report = _report(before, plan, errors, allocator=allocator, scheme=scheme,
                      whitened=batches is not None, seconds=time.perf_counter() - t0)
-    update_graph_facts(gm, plan=plan, report=report, rewrites=records)
-    return gm
+    facts = update_graph_facts(gm, plan=plan, report=report, rewrites=records)
+    if result is not gm:
+        attach_facts(result, facts.replace(capture=dataclasses.replace(facts.capture, root=None)))
+    return result
 
 
 def validate_plan(plan: RankPlan | Mapping[str, LayerPlan] | str | Path, model: nn.Module,
@@ -472,19 +515,22 @@ def validate_plan(plan: RankPlan | Mapping[str, LayerPlan] | str | Path, model: 
 
 
 def _blank_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose parameters and buffers are zeros (their values are about
-    to be replaced: nothing is copied). Tied parameters stay tied; tensors kept as plain
-    attributes are copied as they are."""
+    """A deep copy of ``model`` whose parameters and persistent buffers are zeros (their values
+    are about to be replaced: nothing is copied). Tied parameters stay tied; non-persistent
+    buffers (constants made at construction: position ids, rotary frequencies) and tensors kept
+    as plain attributes are copied as they are."""
     memo: dict[int, Any] = {}
     for p in model.parameters():
         memo.setdefault(id(p), nn.Parameter(torch.zeros_like(p), requires_grad=p.requires_grad))
-    for b in model.buffers():
-        memo.setdefault(id(b), torch.zeros_like(b))
-    return copy.deepcopy(model, memo)
+    for m in model.modules():
+        for name, b in m._buffers.items():
+            if b is not None and name not in m._non_persistent_buffers_set:
+                memo.setdefault(id(b), torch.zeros_like(b))
+    return copy_model(model, memo)
 
 
-def _assign_weights(gm: fx.GraphModule, file: Path, model: nn.Module, where: str) -> None:
-    """Put the saved tensors into ``gm`` (by assignment, no copy), tying aliases again, and
+def _assign_weights(result: nn.Module, file: Path, model: nn.Module, where: str) -> None:
+    """Put the saved tensors into ``result`` (by assignment, no copy), tying aliases again, and
     take the buffers a checkpoint does not hold (non-persistent ones) from ``model``."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -494,20 +540,24 @@ def _assign_weights(gm: fx.GraphModule, file: Path, model: nn.Module, where: str
     except (SafetensorError, OSError) as exc:
         raise LrfxError(f"cannot read the weights {str(file)!r}: {exc}") from exc
     groups: dict[int, list[tuple[str, torch.Tensor, bool]]] = {}
-    for name, p in gm.named_parameters(remove_duplicate=False):
+    for name, p in result.named_parameters(remove_duplicate=False):
         groups.setdefault(id(p), []).append((name, p, True))
-    for name, b in gm.named_buffers(remove_duplicate=False):
+    for name, b in result.named_buffers(remove_duplicate=False):
         groups.setdefault(id(b), []).append((name, b, False))
     known = dict(model.named_buffers(remove_duplicate=False))
-    full: dict[str, Any] = {}
+    full: dict[str, tuple[torch.Tensor, bool]] = {}
     used: set[str] = set()
     missing = []
     for members in groups.values():
         hit = next((n for n, _, _ in members if n in saved), None)
         name0, t0, is_param = members[0]
         if hit is not None:
-            value: Any = saved[hit]
+            value: torch.Tensor = saved[hit]
             used.add(hit)
+            if value.shape != t0.shape:
+                raise LrfxError(f"{hit!r} in {where!r} has shape {tuple(value.shape)}; the "
+                                f"rebuilt model expects {tuple(t0.shape)}: pass the "
+                                "architecture (and inputs) the plan was made for")
             if is_param:
                 value = nn.Parameter(value, requires_grad=t0.requires_grad)
         elif not is_param and name0 in known:
@@ -516,14 +566,21 @@ def _assign_weights(gm: fx.GraphModule, file: Path, model: nn.Module, where: str
             missing.append(name0)
             continue
         for name, _, _ in members:
-            full[name] = value
+            full[name] = (value, is_param)
     unexpected = sorted(set(saved) - used - set(full))
     if missing or unexpected:
         raise LrfxError(
             f"the weights in {where!r} do not fit the rebuilt model (missing: {missing[:5]}, "
             f"unexpected: {unexpected[:5]}); pass the same architecture the plan was made for"
         )
-    gm.load_state_dict(full, strict=False, assign=True)
+    for name, (value, is_param) in full.items():
+        owner, _, attr = name.rpartition(".")
+        module = result.get_submodule(owner)
+        if is_param:
+            assert isinstance(value, nn.Parameter)
+            module._parameters[attr] = value
+        else:
+            module._buffers[attr] = value
 
 
 def load(
@@ -532,7 +589,7 @@ def load(
     example_inputs: Any,
     *,
     leaf_modules: Sequence[type[nn.Module] | str] = (),
-) -> fx.GraphModule:
+) -> nn.Module:
     """Rebuild a saved rewrite: the plan's factored shapes on ``model``, then the saved weights.
 
     Nothing is decomposed and no weight is copied: the model's structure is copied with blank
@@ -546,28 +603,33 @@ def load(
         example_inputs: Inputs of the shapes the model was rewritten at.
 
     Returns:
-        A graph module whose outputs equal those of the one that was saved, in ``model``'s
-        training mode.
+        What was saved, rebuilt: a graph module, or (for a model compressed in module mode) a
+        copy of ``model`` with the factored layers in place; its outputs equal those of the
+        saved one. In ``model``'s training mode.
     """
     t0 = time.perf_counter()
     check_module(model)
     d = Path(path)
-    read_manifest(d)
+    mode = str(read_manifest(d).get("mode") or "auto")
     plan = RankPlan.from_json((d / PLAN_FILE).read_text())
-    inputs = as_input_tuple(example_inputs)
     try:
-        gm = trace(_blank_copy(model), leaf_modules=leaf_modules, copy_model=False)
-        before = run_analysis(gm, inputs, spectra=False)
-    except Exception as exc:  # a forward that needs real weights: use a full copy
+        gm = capture(_blank_copy(model), example_inputs, leaf_modules=leaf_modules, mode=mode,
+                     copy=False)
+        before = run_analysis(gm, example_inputs, spectra=False)
+        resolved = plan.resolve(before)
+    except Exception as exc:  # a forward that needs real weights (branches on them, say)
         log.info("cannot rebuild %s on blank weights (%s); using a full copy",
                  type(model).__name__, exc)
-        gm = trace(model, leaf_modules=leaf_modules)
-        before = run_analysis(gm, inputs, spectra=False)
-    resolved = plan.resolve(before)
+        gm = capture(model, example_inputs, leaf_modules=leaf_modules, mode=mode)
+        before = run_analysis(gm, example_inputs, spectra=False)
+        resolved = plan.resolve(before)
     records = factorize(gm, FactorizeOptions(plan=resolved, decompose=False))
     _refresh_layers(gm)
-    _assign_weights(gm, d / WEIGHTS_FILE, model, str(d))
-    gm.train(model.training)
+    result = _result(gm)
+    _assign_weights(result, d / WEIGHTS_FILE, model, str(d))
+    result.train(model.training)
     report = _report(before, resolved, None, seconds=time.perf_counter() - t0)
-    update_graph_facts(gm, plan=resolved, report=report, rewrites=records)
-    return gm
+    facts = update_graph_facts(gm, plan=resolved, report=report, rewrites=records)
+    if result is not gm:
+        attach_facts(result, facts.replace(capture=dataclasses.replace(facts.capture, root=None)))
+    return result

@@ -27,7 +27,7 @@ examples:
   lrfx analyze torchvision:resnet50 --input 8x3x160x160 --no-spectra
   lrfx analyze mypkg.models:build_net --input 1x3x32x32
   lrfx analyze saved_model.pt --input 1x1x28x28
-  lrfx analyze mypkg.bert:make_encoder --input 1x128:int64
+  lrfx analyze mypkg.bert:make_encoder --input input_ids=1x128:int64
 """
 
 
@@ -35,16 +35,10 @@ def _analyze(args: argparse.Namespace) -> int:
     import torch
 
     from lrfx.api import analyze
-    from lrfx.contrib.models import load_model, parse_input_spec
+    from lrfx.contrib.models import load_model
 
-    model, default_shape = load_model(args.model)
-    if args.input:
-        inputs = tuple(parse_input_spec(s) for s in args.input)
-    elif default_shape is not None:
-        inputs = (parse_input_spec("x".join(map(str, default_shape))),)
-    else:
-        raise LrfxError(f"model {args.model!r} has no default input shape; pass --input, "
-                        "e.g. --input 1x3x224x224")
+    model, default = load_model(args.model)
+    inputs = _inputs_for(args.model, args.input, default)
     progress = not args.no_progress and sys.stderr.isatty()
     with torch.no_grad():
         result = analyze(model, inputs, spectra=not args.no_spectra, progress=progress)
@@ -60,15 +54,17 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inputs_for(model_spec: str, shapes: Sequence[str] | None, default: Any) -> tuple[Any, ...]:
-    from lrfx.contrib.models import parse_input_spec
+def _inputs_for(model_spec: str, specs: Sequence[str] | None, default: Any) -> Any:
+    """Example inputs: from ``--input`` specs, else the model's default ones."""
+    from lrfx.contrib.models import parse_inputs
 
-    if shapes:
-        return tuple(parse_input_spec(s) for s in shapes)
+    if specs:
+        return parse_inputs(specs)
     if default is not None:
-        return (parse_input_spec("x".join(map(str, default))),)
-    raise LrfxError(f"model {model_spec!r} has no default input shape; pass --input, "
-                    "e.g. --input 1x3x224x224")
+        return default
+    raise LrfxError(f"model {model_spec!r} has no default inputs; pass --input, e.g. "
+                    "--input 1x3x224x224 or --input input_ids=1x128:int64, or make its "
+                    "factory return (model, example_inputs)")
 
 
 def _apply(args: argparse.Namespace) -> int:
@@ -76,15 +72,35 @@ def _apply(args: argparse.Namespace) -> int:
     from lrfx.contrib.models import load_model
     from lrfx.io import save
 
-    model, default_shape = load_model(args.model)
-    inputs = _inputs_for(args.model, args.input, default_shape)
+    model, default = load_model(args.model)
+    inputs = _inputs_for(args.model, args.input, default)
     plan = as_plan(args.plan)
-    gm = apply(model, plan, inputs)
-    out = save(gm, args.output, model_spec=args.model)
-    report = gm.meta["lrfx"].report
+    result = apply(model, plan, inputs)
+    out = save(result, args.output, model_spec=args.model)
+    report = _report_of(result)
     _print_report(report, report.macs_before, report.macs_after)
     print(f"wrote {out}/ (plan.json, weights.safetensors, manifest.json, model_code.py)")
     return 0
+
+
+def _report_of(result: Any) -> Any:
+    from lrfx.facts import facts_of
+
+    report = facts_of(result).report
+    assert report is not None
+    return report
+
+
+def _manifest_inputs(manifest: Mapping[str, Any]) -> list[str]:
+    """``--input`` specs that remake the saved example inputs (names, shapes, dtypes)."""
+    records = manifest.get("inputs")
+    if not records:
+        return ["x".join(map(str, s)) for s in manifest.get("input_shapes", [])]
+    specs = []
+    for r in records:
+        text = "x".join(map(str, r["shape"])) + f":{r.get('dtype', 'float32')}"
+        specs.append(f"{r['name']}={text}" if r.get("name") else text)
+    return specs
 
 
 def _print_report(report: Iterable[Mapping[str, Any]], before: int, after: int) -> None:
@@ -111,8 +127,7 @@ def _export(args: argparse.Namespace) -> int:
         raise LrfxError(f"{args.directory!r} does not record which model it was made from; "
                         "pass --model SPEC (the MODEL given to lrfx apply)")
     model, _ = load_model(spec)
-    shapes = args.input or ["x".join(map(str, s)) for s in manifest["input_shapes"]]
-    inputs = _inputs_for(spec, shapes, None)
+    inputs = _inputs_for(spec, args.input or _manifest_inputs(manifest), None)
     gm = load(args.directory, model, inputs)
     suffix = {"pt2": "pt2", "onnx": "onnx", "torchscript": "ts", "python": "py"}[args.format]
     target = Path(args.output) if args.output else Path(args.directory) / f"model.{suffix}"
@@ -151,8 +166,8 @@ def _compress(args: argparse.Namespace) -> int:
     from lrfx.contrib.models import load_model
     from lrfx.io import export, save
 
-    model, default_shape = load_model(args.model)
-    inputs = _inputs_for(args.model, args.input, default_shape)
+    model, default = load_model(args.model)
+    inputs = _inputs_for(args.model, args.input, default)
     calibration = (None if args.calibration is None
                    else _calibration(args.calibration, args.calibration_size))
     budget: dict[str, float | int] = {}
@@ -166,7 +181,7 @@ def _compress(args: argparse.Namespace) -> int:
     out = save(gm, args.output, model_spec=args.model)
     suffix = {"pt2": "pt2", "onnx": "onnx", "torchscript": "ts", "python": "py"}[args.format]
     export(gm, out / f"model.{suffix}", inputs, format=args.format)
-    report = gm.meta["lrfx"].report
+    report = _report_of(gm)
     (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     print(report.table())
     print(f"wrote {out}/ (plan.json, weights.safetensors, model.{suffix}, report.json, "
@@ -193,8 +208,8 @@ def _print_table(result: Any) -> None:
         f"total: {result.total_macs:,} MACs ({result.total_macs / 1e9:.3f} G), "
         f"{result.total_params:,} parameters, {len(result.factorable)} factorable layers"
     )
-    for leaf in result.leaves:
-        console.print(f"leaf module {leaf.name} ({leaf.type}): {leaf.reason}", markup=False)
+    for line in result.footer():
+        console.print(line, markup=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,8 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL",
                    help="torchvision:NAME, package.module:factory, or a torch.save'd nn.Module")
     p.add_argument("--input", action="append", metavar="SHAPE",
-                   help="example input shape, e.g. 1x3x224x224 or 1x128:int64 (repeat for "
-                   "several inputs; default: the model's documented input size)")
+                   help="example input shape, e.g. 1x3x224x224 or 1x128:int64, or a keyword "
+                   "input NAME=SHAPE[:dtype] such as input_ids=1x128:int64 (repeat for several "
+                   "inputs; default: the model's documented input size)")
     p.add_argument("--json", nargs="?", const="-", metavar="PATH",
                    help="write the analysis as JSON to PATH (stdout when no PATH is given)")
     p.add_argument("--singular-values", action="store_true",

@@ -80,6 +80,11 @@ class LinearGeometry:
         return (self.out_features, self.in_features)
 
     @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one input row, batched: ``(1, in_features)``."""
+        return (1, self.in_features)
+
+    @property
     def kind(self) -> str:
         return "linear"
 
@@ -122,6 +127,11 @@ class ConvGeometry:
         if self.transposed:
             return (self.in_channels, self.out_channels // self.groups, *self.kernel)
         return (self.out_channels, self.in_channels // self.groups, *self.kernel)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one input, batched: ``(1, C, *in_spatial)``."""
+        return (1, self.in_channels, *self.in_spatial)
 
     @property
     def depthwise(self) -> bool:

@@ -24,9 +24,13 @@ from torch import fx
 from lrfx.cost import ConvGeometry, Cost, Geometry, LinearGeometry
 from lrfx.decompositions import Spectrum, WeightStamp
 from lrfx.errors import SchemeError
+from lrfx.frozen import FrozenMap
+from lrfx.inputs import InputSpec
 from lrfx.schemes import get_scheme, scheme_names
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from lrfx.plan import RankPlan
     from lrfx.report import CompressionReport, RewriteRecord
 
@@ -34,6 +38,7 @@ __all__ = [
     "META_KEY",
     "SCHEME_UNFOLDINGS",
     "FrozenMap",
+    "CaptureInfo",
     "GraphFacts",
     "InputStats",
     "LayerFacts",
@@ -42,6 +47,8 @@ __all__ = [
     "NodeFacts",
     "Spectrum",
     "WeightStamp",
+    "attach_facts",
+    "facts_of",
     "get_graph_facts",
     "get_node_facts",
     "set_graph_facts",
@@ -49,31 +56,6 @@ __all__ = [
 ]
 
 META_KEY = "lrfx"
-
-
-class FrozenMap(Mapping[Any, Any]):
-    """A read-only mapping that, unlike ``types.MappingProxyType``, can be pickled and
-    deep-copied (so graph modules carrying lrfx facts can be copied, saved and traced again)."""
-
-    __slots__ = ("_data",)
-
-    def __init__(self, data: Mapping[Any, Any] | None = None) -> None:
-        self._data = dict(data or {})
-
-    def __getitem__(self, key: Any) -> Any:
-        return self._data[key]
-
-    def __iter__(self) -> Any:
-        return iter(self._data)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def __repr__(self) -> str:
-        return f"FrozenMap({self._data!r})"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (FrozenMap, (self._data,))
 
 
 class _SchemeUnfoldings(Mapping[str, tuple[str, ...]]):
@@ -114,6 +96,11 @@ class LayerFacts:
         weight: Attribute path of the weight tensor in the graph module (``None`` if computed).
         weight_rows: ``(start, stop)`` row slice of that tensor owned by this layer (the q/k/v
             parts of a packed ``in_proj_weight``); ``None`` for the whole tensor.
+        weight_transposed: The tensor is stored ``(in, out)`` (linear-like modules such as
+            transformers' ``Conv1D``); the layer's weight is its transpose.
+        weight_effective: The layer is a weight-transform layer (see :mod:`lrfx.layers`): its
+            weight is the one its forward computes (read with
+            :func:`lrfx.layers.effective_call`), and factoring it folds the transform in.
         schemes: Decomposition schemes that apply.
         note: Why the layer is not factorable, when it is not.
         spectra: Singular values per unfolding (see :data:`SCHEME_UNFOLDINGS`), once computed.
@@ -128,6 +115,8 @@ class LayerFacts:
     inside_leaf: str | None = None
     weight: str | None = None
     weight_rows: tuple[int, int] | None = None
+    weight_transposed: bool = False
+    weight_effective: bool = False
     schemes: tuple[str, ...] = ()
     note: str = ""
     spectra: Mapping[str, Spectrum] = field(default_factory=lambda: FrozenMap({}))
@@ -196,12 +185,38 @@ class InputStats:
 
 
 @dataclass(frozen=True)
+class CaptureInfo:
+    """How the graph was captured (see :mod:`lrfx.tracing`).
+
+    Attributes:
+        mode: ``fx`` (the graph is the model: rewrites change the graph) or ``module`` (the graph
+            describes one call of the model, for analysis; rewrites substitute layers into
+            ``root``).
+        reason: Why module mode was needed (the top-level trace error).
+        notes: What the value-carrying trace fixed to the example (branches, ``.item()``...).
+        root: In module mode, the copy of the model layers are substituted into.
+    """
+
+    mode: str = "fx"
+    reason: str = ""
+    notes: tuple[str, ...] = ()
+    root: nn.Module | None = field(default=None, repr=False, compare=False)
+
+    def describe(self) -> str:
+        if self.mode == "fx":
+            return "fx (the traced graph is the model)"
+        return (f"module (the top-level forward cannot be traced: {self.reason}; layers are "
+                "substituted into a copy of the model, which keeps its class)")
+
+
+@dataclass(frozen=True)
 class GraphFacts:
     """The record stored in ``gm.meta["lrfx"]``: typed module-level facts.
 
     Attributes:
         leaves: Submodules that became leaves because they could not be traced.
         input_shapes: Shapes of the example inputs used by shape propagation.
+        input_dtypes: Their dtypes (``float32``, ``int64``...).
         provided: Names of the facts the passes run so far provide (and that are still valid).
         total_params: Parameter count of the whole module.
         leaf_calls: Per leaf node, the calls of the layers found inside it by hooks.
@@ -212,10 +227,13 @@ class GraphFacts:
         rewrites: What the rewrite did to each layer.
         weights_version: Bumped by :func:`lrfx.mark_weights_changed`; spectra computed at an
             older version are stale.
+        input_spec: How the graph's placeholders are fed from a model call.
+        capture: How the graph was captured (FX or module mode, and why).
     """
 
     leaves: tuple[LeafInfo, ...] = ()
     input_shapes: tuple[tuple[int, ...], ...] = ()
+    input_dtypes: tuple[str, ...] = ()
     provided: frozenset[str] = frozenset()
     total_params: int = 0
     leaf_calls: Mapping[str, tuple[LeafCall, ...]] = field(default_factory=lambda: FrozenMap())
@@ -225,6 +243,8 @@ class GraphFacts:
     report: CompressionReport | None = None
     rewrites: tuple[RewriteRecord, ...] = ()
     weights_version: int = 0
+    input_spec: InputSpec = field(default_factory=InputSpec)
+    capture: CaptureInfo = field(default_factory=CaptureInfo)
 
     def replace(self, **changes: Any) -> GraphFacts:
         return dataclasses.replace(self, **changes)
@@ -269,6 +289,33 @@ def get_graph_facts(gm: fx.GraphModule) -> GraphFacts:
 
 def set_graph_facts(gm: fx.GraphModule, facts: GraphFacts) -> None:
     gm.meta[META_KEY] = facts
+
+
+#: Where a module-mode result (the model itself, not a graph module) keeps its facts.
+FACTS_ATTR = "_lrfx_facts"
+
+
+def facts_of(model: Any) -> GraphFacts:
+    """The lrfx facts of a result: ``gm.meta["lrfx"]`` of a graph module, or the record a
+    module-mode result (a model that kept its own class) carries.
+
+    Example:
+        >>> import torch, lrfx
+        >>> facts_of(torch.nn.Linear(2, 2)).plan is None
+        True
+    """
+    if isinstance(model, fx.GraphModule):
+        return get_graph_facts(model)
+    f = getattr(model, FACTS_ATTR, None)
+    return f if isinstance(f, GraphFacts) else GraphFacts()
+
+
+def attach_facts(model: Any, facts: GraphFacts) -> None:
+    """Store ``facts`` on a result (``gm.meta`` for graph modules, an attribute otherwise)."""
+    if isinstance(model, fx.GraphModule):
+        set_graph_facts(model, facts)
+    else:
+        object.__setattr__(model, FACTS_ATTR, facts)
 
 
 def update_graph_facts(gm: fx.GraphModule, **changes: Any) -> GraphFacts:

@@ -1,30 +1,39 @@
-"""Save, load and export rewritten graphs.
+"""Save, load and export rewritten models.
 
 :func:`save` writes a directory with no pickled classes: ``plan.json`` (the resolved plan),
-``weights.safetensors`` (every parameter and buffer), ``manifest.json`` (input shapes, the model
-spec when known, the lrfx version) and ``model_code.py`` (the readable Python of the rewritten
-graph). :func:`lrfx.load` rebuilds the graph from the original architecture plus the plan and
-loads the weights. :func:`export` writes ``pt2`` (torch.export), ``onnx``, ``torchscript`` or
-``python``.
+``weights.safetensors`` (every parameter and buffer), ``manifest.json`` (capture mode, inputs,
+the model spec when known, the lrfx version) and ``model_code.py`` (the readable Python of the
+rewritten graph; for a module-mode result, which keeps the model's own class and code, the
+printed module tree instead). :func:`lrfx.load` rebuilds the result from the original
+architecture plus the plan and assigns the weights. :func:`export` writes ``pt2``
+(torch.export), ``onnx``, ``torchscript`` or ``python``.
+
+Both kinds of result work the same: a ``GraphModule`` (FX mode) and a model that kept its own
+class (module mode, see :mod:`lrfx.tracing`). Their facts are read with :func:`lrfx.facts_of`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from lrfx._version import __version__
 from lrfx.errors import LrfxError
-from lrfx.facts import get_graph_facts
+from lrfx.facts import GraphFacts, facts_of
+from lrfx.inputs import Inputs
 from lrfx.plan import RankPlan
-from lrfx.tracing import as_input_tuple
+from lrfx.tracing import call_inputs, check_module
 
 __all__ = ["EXPORT_FORMATS", "export", "read_manifest", "save"]
+
+log = logging.getLogger(__name__)
 
 EXPORT_FORMATS = ("pt2", "onnx", "torchscript", "python")
 
@@ -34,19 +43,30 @@ MANIFEST_FILE = "manifest.json"
 CODE_FILE = "model_code.py"
 
 
-def _plan_of(gm: fx.GraphModule) -> RankPlan:
-    plan = get_graph_facts(gm).plan
+def _plan_of(model: nn.Module) -> RankPlan:
+    plan = facts_of(model).plan
     if not isinstance(plan, RankPlan):
-        raise LrfxError("this graph module was not produced by lrfx.apply / lrfx.compress (it "
-                        "carries no plan in gm.meta['lrfx']); rewrite the model with lrfx first")
+        raise LrfxError(f"this {type(model).__name__} was not produced by lrfx.apply / "
+                        "lrfx.compress / lrfx.load (it carries no lrfx plan: see "
+                        "lrfx.facts_of); rewrite the model with lrfx first")
     return plan
 
 
-def save(gm: fx.GraphModule, path: str | Path, *, model_spec: str | None = None) -> Path:
-    """Write plan, weights, manifest and code of a rewritten graph module to directory ``path``.
+def _inputs_record(facts: GraphFacts) -> list[dict[str, Any]]:
+    """The graph inputs (names, shapes, dtypes), enough to make example inputs again."""
+    names = facts.input_spec.names or tuple(f"input_{i}" for i in range(len(facts.input_shapes)))
+    dtypes = facts.input_dtypes or ("float32",) * len(facts.input_shapes)
+    keyword = facts.capture.mode == "module"
+    return [{"name": n if keyword else None, "shape": list(s), "dtype": d}
+            for n, s, d in zip(names, facts.input_shapes, dtypes, strict=False)]
+
+
+def save(model: nn.Module, path: str | Path, *, model_spec: str | None = None) -> Path:
+    """Write plan, weights, manifest and code of a rewritten model to directory ``path``.
 
     Args:
-        gm: A graph module returned by :func:`lrfx.apply` (trained further or not).
+        model: A result of :func:`lrfx.apply`, :func:`lrfx.compress` or :func:`lrfx.load`
+            (trained further or not): a graph module, or a model that kept its own class.
         path: Output directory (created if needed).
         model_spec: How to rebuild the original model (e.g. ``torchvision:resnet18``), recorded
             so that ``lrfx export`` can rebuild it from the directory alone.
@@ -61,24 +81,33 @@ def save(gm: fx.GraphModule, path: str | Path, *, model_spec: str | None = None)
     """
     from safetensors.torch import save_model
 
-    plan = _plan_of(gm)
+    check_module(model)
+    plan = _plan_of(model)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     (out / PLAN_FILE).write_text(plan.to_json() + "\n")
-    save_model(gm, str(out / WEIGHTS_FILE))
-    facts = get_graph_facts(gm)
+    save_model(model, str(out / WEIGHTS_FILE))
+    facts = facts_of(model)
     report = facts.report
     manifest = {
         "format": "lrfx.saved",
         "lrfx_version": __version__,
         "model": model_spec,
-        "model_class": type(gm).__name__,
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "mode": facts.capture.mode,
         "input_shapes": [list(s) for s in facts.input_shapes],
+        "inputs": _inputs_record(facts),
         "macs_before": None if report is None else report.macs_before,
         "macs_after": None if report is None else report.macs_after,
     }
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    (out / CODE_FILE).write_text(gm.code)
+    if isinstance(model, fx.GraphModule):
+        (out / CODE_FILE).write_text(model.code)
+    else:
+        (out / CODE_FILE).write_text(
+            f"# {type(model).__qualname__} compressed in module mode: it runs its own class's "
+            f"code\n# ({type(model).__module__}); the factored layers in place:\n"
+            + "".join(f"# {line}\n" for line in repr(model).splitlines()))
     return out
 
 
@@ -93,16 +122,19 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def export(
-    gm: fx.GraphModule, path: str | Path, example_inputs: Any, *, format: str = "pt2"
+    model: nn.Module, path: str | Path, example_inputs: Any, *, format: str = "pt2"
 ) -> Path:
-    """Export a (rewritten) graph module.
+    """Export a (rewritten) model.
 
     Args:
-        gm: The graph module.
+        model: A graph module, or a model compressed in module mode (it keeps its own class).
         path: Output file.
-        example_inputs: A tensor or tuple of positional inputs.
-        format: ``pt2`` (``torch.export``; reload with ``torch.export.load``), ``onnx``,
-            ``torchscript`` (reload with ``torch.jit.load``) or ``python`` (the graph's code).
+        example_inputs: In any form the entry points accept (a tensor, a tuple, a mapping of
+            keyword inputs, ``(args, kwargs)``).
+        format: ``pt2`` (``torch.export``; reload with ``torch.export.load``), ``onnx``
+            (inputs named ``input_0``, ``input_1``... when positional, by their keyword
+            otherwise), ``torchscript`` (reload with ``torch.jit.load``) or ``python`` (the
+            graph's code; graph modules only).
 
     Example:
         >>> import torch, torchvision, lrfx, tempfile, os
@@ -112,39 +144,111 @@ def export(
         >>> torch.export.load(f).module()(x).shape
         torch.Size([1, 1000])
     """
+    check_module(model)
     if format not in EXPORT_FORMATS:
         raise LrfxError(f"unknown export format {format!r}; choose one of "
                         f"{', '.join(EXPORT_FORMATS)}")
-    inputs = as_input_tuple(example_inputs)
+    inputs = Inputs.of(example_inputs)
+    bound: dict[str, Any] = {}
+    if isinstance(model, fx.GraphModule):
+        spec = facts_of(model).input_spec
+        keyword = bool(inputs.kwargs)
+        inputs = Inputs(spec.feed(inputs))
+        names = list(spec.names) if keyword else [f"input_{i}" for i in range(len(inputs.args))]
+    else:
+        bound = {k: v for k, v in call_inputs(model, inputs).kwargs.items()
+                 if k not in inputs.kwargs}
+        names = [f"input_{i}" for i in range(len(inputs.args))] + list(inputs.kwargs)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    was_training = gm.training
-    gm.eval()
+    was_training = model.training
+    model.eval()
+    target: nn.Module = model
+    if not isinstance(model, fx.GraphModule) and bound:
+        target = _Bound(model, bound).eval()  # the artifact takes exactly the caller's inputs
     try:
         if format == "python":
-            out.write_text(gm.code)
+            if not isinstance(model, fx.GraphModule):
+                raise LrfxError(
+                    f"format='python' writes a graph's code; this {type(model).__name__} was "
+                    "compressed in module mode and runs its own class's code (see "
+                    "lrfx.facts_of(model).capture); export it as pt2 or onnx")
+            out.write_text(model.code)
         elif format == "pt2":
-            ep = torch.export.export(gm, inputs)
+            try:
+                ep = torch.export.export(target, inputs.args, dict(inputs.kwargs))
+            except Exception as exc:
+                raise LrfxError(
+                    f"torch.export cannot export {type(model).__name__} ({_first_line(exc)}); "
+                    "this comes from the model's own code (data-dependent control flow, say): "
+                    "the dense model fails the same way. Rewrite that part with torch.cond, or "
+                    "export as torchscript (which records the example's path)") from exc
             torch.export.save(ep, str(out))
         elif format == "torchscript":
             # TorchScript is deprecated upstream but still what many runtimes load; offer it
             # without the warnings (the deprecation is documented in the README)
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
-                scripted = torch.jit.trace(gm, inputs)
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                if inputs.kwargs:
+                    scripted = torch.jit.trace(target, example_kwarg_inputs=dict(inputs.kwargs),
+                                               strict=False)
+                else:
+                    scripted = torch.jit.trace(target, inputs.args, strict=False)
                 torch.jit.save(scripted, str(out))
         else:
-            _export_onnx(gm, inputs, out)
+            _export_onnx(target, inputs, names, out)
     finally:
-        gm.train(was_training)
+        model.train(was_training)
     return out
 
 
-def _export_onnx(gm: fx.GraphModule, inputs: tuple[Any, ...], out: Path) -> None:
+class _Bound(nn.Module):
+    """``model`` with keyword arguments bound (``use_cache=False``: a cache is no output an
+    exported model can return), so that the exported artifact takes the caller's inputs."""
+
+    def __init__(self, model: nn.Module, bound: dict[str, Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.bound = bound
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs, **self.bound)
+
+
+def _export_onnx(model: nn.Module, inputs: Inputs, names: list[str], out: Path) -> None:
+    """ONNX through ``torch.export`` (the dynamo exporter); where that fails in torch's own
+    decomposition (T5's attention in torch 2.14, for one), through the TorchScript-based
+    exporter, with a warning."""
     try:
         import onnx  # noqa: F401
     except ImportError as exc:
         raise LrfxError("ONNX export needs the onnx package: pip install 'lrfx[export]'") from exc
-    names = [f"input_{i}" for i in range(len(inputs))]
-    torch.onnx.export(gm, inputs, str(out), input_names=names, output_names=["output"],
-                      dynamo=True, external_data=False, verbose=False)
+    outputs = ["output"] if isinstance(model, fx.GraphModule) else None
+    kwargs = dict(inputs.kwargs) or None
+    folding = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level = folding.level
+    folding.setLevel(logging.ERROR)  # "Evaluation failed" notes of a best-effort optimizer
+    try:
+        torch.onnx.export(model, inputs.args, str(out), kwargs=kwargs, input_names=names,
+                          output_names=outputs, dynamo=True, external_data=False, verbose=False)
+        return
+    except Exception as exc:
+        log.warning("torch.onnx's dynamo exporter failed on %s (%s); using the TorchScript-based "
+                    "exporter", type(model).__name__, _first_line(exc))
+    finally:
+        folding.setLevel(level)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, inputs.args, str(out), kwargs=kwargs, input_names=names,
+                              output_names=outputs, dynamo=False)
+        except Exception as exc:
+            raise LrfxError(f"cannot export {type(model).__name__} to ONNX: both torch.onnx "
+                            f"exporters failed (the last: {_first_line(exc)}); export as pt2 "
+                            "instead") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch.onnx colors its messages
+    return (text.splitlines()[0] if text else type(exc).__name__)[:240]

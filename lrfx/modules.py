@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,7 @@ from torch import nn
 
 from lrfx.cost import ConvGeometry, Geometry, LinearGeometry, Piece
 from lrfx.decompositions import check_finite
-from lrfx.errors import SchemeError, UnsupportedLayerError
+from lrfx.errors import LrfxError, SchemeError, UnsupportedLayerError
 from lrfx.schemes import Rank, get_scheme
 
 __all__ = [
@@ -57,18 +58,74 @@ _CONV_CLS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3
 class Factored(nn.Sequential):
     """A low-rank factored layer: its children run in order.
 
+    It also looks like the layer it replaced, for code that reads a layer's attributes (model
+    code often does: ``layer.weight.dtype``, ``conv.stride[0]``): the dense layer's
+    hyperparameters (``in_features``/``out_features``, or ``in_channels``, ``kernel_size``,
+    ``stride``... of a conv) are attributes, ``bias`` is the last child's bias, and ``weight`` is
+    the dense weight the factors compute (differentiable while gradients are on; otherwise cached
+    until a factor changes). Assigning ``weight`` or ``bias`` is refused: the factors are the
+    parameters.
+
     Attributes:
         scheme: The decomposition scheme (``svd``, ``channel``, ``spatial``, ``tucker2``, ``cp``).
         rank: The rank(s).
     """
 
-    def __init__(self, *layers: nn.Module, scheme: str, rank: int | tuple[int, ...]) -> None:
+    def __init__(self, *layers: nn.Module, scheme: str, rank: int | tuple[int, ...],
+                 like: Mapping[str, Any] | None = None) -> None:
         super().__init__(*layers)
         self.scheme = scheme
         self.rank = rank
+        for key, value in (like or {}).items():
+            object.__setattr__(self, key, value)
+        self._like = dict(like or {})
+        self._dense: tuple[tuple[Any, ...], torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
         return f"scheme={self.scheme!r}, rank={self.rank}"
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("weight", "bias"):
+            raise LrfxError(f"a factored layer's {name} cannot be assigned: its parameters are "
+                            f"the factors' ({name} of {self.scheme!r} factors); leave the layer "
+                            "dense in the plan to keep it assignable (tied weights, say)")
+        super().__setattr__(name, value)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        last = self[-1]
+        b = getattr(last, "bias", None)
+        return b if isinstance(b, torch.Tensor) else None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        weights: list[torch.Tensor] = [m.weight for m in self]  # type: ignore[misc]
+        scheme = get_scheme(self.scheme)
+        groups = int(getattr(self[0], "groups", 1))
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            return scheme.compose(weights, groups)
+        try:
+            key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
+        except Exception:  # tensors without storage (fake or meta): nothing to cache
+            return scheme.compose(weights, groups)
+        if self._dense is None or self._dense[0] != key:
+            with torch.no_grad():
+                object.__setattr__(self, "_dense", (key, scheme.compose(weights, groups)))
+        assert self._dense is not None
+        return self._dense[1]
+
+
+def _like(g: Geometry) -> dict[str, Any]:
+    """The public attributes of the dense layer a geometry describes."""
+    if isinstance(g, LinearGeometry):
+        return {"in_features": g.in_features, "out_features": g.out_features}
+    stride = tuple(g.stride) if g.stride else (1,) * g.dims
+    dilation = tuple(g.dilation) if g.dilation else (1,) * g.dims
+    padding = g.padding if isinstance(g.padding, str) or g.padding else (0,) * g.dims
+    return {"in_channels": g.in_channels, "out_channels": g.out_channels,
+            "kernel_size": tuple(g.kernel), "stride": stride, "padding": padding,
+            "dilation": dilation, "groups": g.groups, "padding_mode": g.padding_mode,
+            "transposed": False, "output_padding": (0,) * g.dims}
 
 
 def _piece_module(p: Piece) -> nn.Module:
@@ -91,6 +148,7 @@ def build_factored(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     requires_grad: bool = True,
+    like: Geometry | None = None,
 ) -> Factored:
     """Build the modules of a factored layer from its layout.
 
@@ -101,6 +159,7 @@ def build_factored(
             ``None`` for uninitialized weights to be loaded from a checkpoint.
         bias: The dense layer's bias, copied onto the last piece (which must declare one).
         dtype, device, requires_grad: Of the new parameters.
+        like: The dense layer's geometry: its hyperparameters become attributes of the result.
     """
     if weights is not None and len(weights) != len(pieces):
         raise ValueError(f"{len(pieces)} pieces but {len(weights)} weights")
@@ -128,7 +187,8 @@ def build_factored(
             else:
                 raise ValueError("the layout's last piece carries the layer's bias: pass bias=")
         layers.append(m)
-    return Factored(*layers, scheme=scheme, rank=rank)
+    return Factored(*layers, scheme=scheme, rank=rank,
+                    like=None if like is None else _like(like))
 
 
 @dataclass(frozen=True)
@@ -177,7 +237,7 @@ def _factor(g: Geometry, weight: torch.Tensor, bias: torch.Tensor | None, scheme
     plan_rank: Rank = ranks if s.n_ranks > 1 else ranks[0]
     return build_factored(s.layout(g, ranks), scheme=scheme, rank=plan_rank, weights=ws,
                           bias=bias, dtype=weight.dtype, device=weight.device,
-                          requires_grad=weight.requires_grad)
+                          requires_grad=weight.requires_grad, like=g)
 
 
 def factor_linear(

@@ -47,6 +47,10 @@ class CompressionReport:
         budget: ``{"metric", "target", "fraction"}`` (empty for a hand-written plan).
         allocator, scheme, whitened: How the plan was made.
         seconds: Wall time of the whole call.
+        mode: How the model was captured: ``fx`` (the result is a ``GraphModule``) or
+            ``module`` (layers substituted into a copy that keeps the model's class).
+        mode_reason: Why module mode was used.
+        leaves: Submodules analyzed with hooks instead of traced, ``{name: reason}``.
     """
 
     layers: tuple[Mapping[str, Any], ...]
@@ -59,6 +63,9 @@ class CompressionReport:
     scheme: str = ""
     whitened: bool = False
     seconds: float = 0.0
+    mode: str = "fx"
+    mode_reason: str = ""
+    leaves: Mapping[str, str] = field(default_factory=dict)
 
     def __iter__(self) -> Iterator[Mapping[str, Any]]:
         return iter(self.layers)
@@ -84,6 +91,9 @@ class CompressionReport:
             "params_before": self.params_before,
             "params_after": self.params_after,
             "seconds": self.seconds,
+            "mode": self.mode,
+            "mode_reason": self.mode_reason,
+            "leaves": dict(self.leaves),
             "layers": [dict(x) for x in self.layers],
         }
 
@@ -106,4 +116,8 @@ class CompressionReport:
             f"{self.params_before:,} -> {self.params_after:,}; {len(self.layers)} layers "
             f"factored ({how}{', whitened' if self.whitened else ''}) in {self.seconds:.1f} s"
         )
+        if self.mode == "module":
+            out.append(f"captured in module mode ({self.mode_reason}): the factored layers were "
+                       "substituted into a copy of the model, which keeps its class")
+        out += [f"leaf {name}: {why}" for name, why in self.leaves.items()]
         return "\n".join(out)

@@ -212,6 +212,11 @@ class Scheme:
         """The weight (same shape, device and dtype) truncated to ``rank``, differentiably."""
         raise NotImplementedError
 
+    def compose(self, weights: Sequence[torch.Tensor], groups: int = 1) -> torch.Tensor:
+        """The dense weight the factored layer computes, from its pieces' weights (the inverse
+        of :meth:`factors`; differentiable)."""
+        raise NotImplementedError
+
     def _spectrum(self, spectra: Mapping[str, Spectrum] | None, unit: str) -> Spectrum | None:
         return None if spectra is None else spectra.get(unit)
 
@@ -301,6 +306,10 @@ class Svd(_MatrixScheme):
         first, second = dec.linear_factors(weight, r, sw, spectrum=sp)
         return [first, second]
 
+    def compose(self, weights: Sequence[torch.Tensor], groups: int = 1) -> torch.Tensor:
+        first, second = weights
+        return second @ first
+
 
 def _plain_conv_reason(g: Geometry, *, two_d: bool = False, ungrouped: bool = False,
                        spatial_kernel: bool = False) -> str | None:
@@ -357,6 +366,14 @@ class Channel(_MatrixScheme):
         first, second = dec.channel_factors(weight, r, g.groups, sw, spectrum=sp)
         return [first, second]
 
+    def compose(self, weights: Sequence[torch.Tensor], groups: int = 1) -> torch.Tensor:
+        first, second = weights
+        n, r = second.shape[:2]
+        cg, k = first.shape[1], first.shape[2:]
+        left = second.reshape(groups, n // groups, r)
+        right = first.reshape(groups, r, -1)
+        return (left @ right).reshape(n, cg, *k)
+
 
 @dataclass(frozen=True)
 class Spatial(_MatrixScheme):
@@ -394,6 +411,10 @@ class Spatial(_MatrixScheme):
               sw: torch.Tensor | None) -> list[torch.Tensor]:
         vertical, horizontal = dec.spatial_factors(weight, r, sw, spectrum=sp)
         return [vertical, horizontal]
+
+    def compose(self, weights: Sequence[torch.Tensor], groups: int = 1) -> torch.Tensor:
+        vertical, horizontal = weights  # (r, C, kh, 1), (N, r, 1, kw)
+        return torch.einsum("rci,nrj->ncij", vertical[..., 0], horizontal[:, :, 0, :])
 
 
 @dataclass(frozen=True)
@@ -464,6 +485,11 @@ class Tucker2(Scheme):
         r_in, r_out = self.ranks(rank)
         return dec.tucker2_project(weight, (r_in, r_out))
 
+    def compose(self, weights: Sequence[torch.Tensor], groups: int = 1) -> torch.Tensor:
+        first, core, last = weights  # (r_in, C, 1..), (r_out, r_in, *k), (N, r_out, 1..)
+        w = torch.einsum("no,oi...->ni...", last.flatten(1), core)
+        return torch.einsum("ni...,ic->nc...", w, first.flatten(1))
+
 
 @dataclass(frozen=True)
 class CP(Scheme):
@@ -519,6 +545,9 @@ class CP(Scheme):
         with torch.no_grad():
             rec = dec.cp_reconstruct(dec.cp_factors(weight, r)).to(weight)
         return weight + (rec - weight).detach()
+
+    def compose(self, weights: Sequence[torch.Tensor], groups: int = 1) -> torch.Tensor:
+        return dec.cp_reconstruct(weights)
 
 
 # --- the registry ---------------------------------------------------------------------------------

@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: The core: what every pass builds on.
 CORE = (
-    "analysis", "cost", "decompositions", "errors", "facts", "io", "modules", "pipeline",
-    "plan", "progress", "report", "schemes", "tracing", "_version",
+    "analysis", "cost", "decompositions", "errors", "facts", "frozen", "inputs", "io",
+    "layers", "modules", "pipeline", "plan", "progress", "report", "schemes", "tracing",
+    "_version",
 )
 #: Above the passes: the public entry points and the tools.
 UPPER = ("lrfx.api", "lrfx.cli", "lrfx.contrib")

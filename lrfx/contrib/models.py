@@ -5,18 +5,21 @@ A model spec is one of:
 * ``torchvision:NAME`` — a torchvision classification model with random weights (never
   downloaded), e.g. ``torchvision:resnet18``;
 * ``package.module:factory`` — a callable (called with no arguments) or an ``nn.Module`` object;
+  a factory may return ``(model, example_inputs)`` (inputs in any form lrfx accepts: a tensor,
+  a tuple, a mapping of keyword inputs), which then are the default inputs;
 * a path to a file holding a whole ``nn.Module`` saved with ``torch.save(model, path)``.
 
 Example:
-    >>> model, shape = load_model("torchvision:resnet18")
-    >>> shape
-    (1, 3, 224, 224)
+    >>> model, x = load_model("torchvision:resnet18")
+    >>> x.shape
+    torch.Size([1, 3, 224, 224])
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -24,12 +27,19 @@ from torch import nn
 
 from lrfx.errors import LrfxError
 
-__all__ = ["SPEC_HELP", "load_model", "parse_input_spec", "torchvision_input_size"]
+__all__ = [
+    "SPEC_HELP",
+    "load_model",
+    "parse_input_spec",
+    "parse_inputs",
+    "torchvision_input_size",
+]
 
 SPEC_HELP = (
     "name a model as torchvision:NAME (e.g. torchvision:resnet18; list them with "
     "`python -c \"import torchvision; print(torchvision.models.list_models())\"`), as "
-    "package.module:factory (a function returning an nn.Module, or a module object), or as the "
+    "package.module:factory (a function returning an nn.Module or (model, example_inputs), or "
+    "a module object), or as the "
     "path of a file written by torch.save(model, path)"
 )
 
@@ -57,8 +67,9 @@ def torchvision_input_size(name: str) -> int:
     return int(crop[0] if isinstance(crop, (tuple, list)) else crop)
 
 
-def load_model(spec: str) -> tuple[nn.Module, tuple[int, ...] | None]:
-    """Build the model a spec names; returns it with its default input shape (if known).
+def load_model(spec: str) -> tuple[nn.Module, Any]:
+    """Build the model a spec names; returns it with its default example inputs (or ``None``
+    when the spec does not say: a saved module, a factory that returns only the model).
 
     Raises:
         LrfxError: The spec names nothing lrfx can load; the message says how to name one.
@@ -74,7 +85,7 @@ def load_model(spec: str) -> tuple[nn.Module, tuple[int, ...] | None]:
             raise LrfxError(f"unknown torchvision classification model {name!r}{hint}; {SPEC_HELP}")
         size = torchvision_input_size(name)
         model = torchvision.models.get_model(name, weights=None)
-        return model, (1, 3, size, size)
+        return model, parse_input_spec(f"1x3x{size}x{size}")
     if os.path.exists(spec):
         try:
             obj = torch.load(spec, map_location="cpu", weights_only=False)
@@ -97,16 +108,23 @@ def load_model(spec: str) -> tuple[nn.Module, tuple[int, ...] | None]:
             raise LrfxError(f"module {mod_name!r} has no attribute {attr!r}; {SPEC_HELP}")
         if not isinstance(found, nn.Module) and callable(found):
             found = found()
+        example = None
+        if isinstance(found, tuple) and len(found) == 2 and isinstance(found[0], nn.Module):
+            found, example = found
         if not isinstance(found, nn.Module):
             raise LrfxError(
-                f"{spec!r} gave a {type(found).__name__}, not an nn.Module; {SPEC_HELP}"
+                f"{spec!r} gave a {type(found).__name__}, not an nn.Module (nor a tuple "
+                f"(model, example_inputs)); {SPEC_HELP}"
             )
-        return found, None
+        return found, example
     raise LrfxError(f"cannot find a model named {spec!r}; {SPEC_HELP}")
 
 
 def parse_input_spec(spec: str) -> torch.Tensor:
-    """Make an example input from ``"1x3x224x224"`` or ``"1x128:int64"`` (random values).
+    """Make an example input from ``"1x3x224x224"`` or ``"1x128:int64"``.
+
+    Floating-point inputs are standard normal (seeded); integer inputs are ones, which every
+    embedding takes as a token id and every attention mask as "attend".
 
     Example:
         >>> parse_input_spec("2x3x8x8").shape
@@ -129,4 +147,31 @@ def parse_input_spec(spec: str) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     if dtype.is_floating_point:
         return torch.randn(shape, generator=gen).to(dtype)
-    return torch.randint(0, 100, shape, generator=gen, dtype=dtype)
+    return torch.ones(shape, dtype=dtype)
+
+
+def parse_inputs(specs: Sequence[str]) -> Any:
+    """Example inputs from CLI specs: ``SHAPE[:dtype]`` is positional, ``NAME=SHAPE[:dtype]`` a
+    keyword input (``input_ids=1x16:int64``). Returns a tuple, a dict, or ``(args, kwargs)``.
+
+    Example:
+        >>> parse_inputs(["input_ids=2x8:int64"])["input_ids"].shape
+        torch.Size([2, 8])
+    """
+    args: list[torch.Tensor] = []
+    kwargs: dict[str, torch.Tensor] = {}
+    for spec in specs:
+        name, eq, rest = spec.partition("=")
+        if eq:
+            if not name.isidentifier():
+                raise LrfxError(f"input {spec!r}: {name!r} is not a parameter name; write "
+                                "NAME=SHAPE, e.g. input_ids=1x128:int64")
+            kwargs[name] = parse_input_spec(rest)
+        elif kwargs:
+            raise LrfxError(f"input {spec!r} is positional but follows keyword inputs; give "
+                            "positional inputs first")
+        else:
+            args.append(parse_input_spec(spec))
+    if kwargs and args:
+        return (tuple(args), kwargs)
+    return kwargs if kwargs else tuple(args)

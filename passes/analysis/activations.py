@@ -19,7 +19,7 @@ data-aware spectra directly: per layer, the singular values of ``W S`` where
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,13 +34,15 @@ from lrfx.facts import (
     InputStats,
     LayerFacts,
     Spectrum,
+    get_graph_facts,
     get_node_facts,
     update_graph_facts,
 )
-from lrfx.passes.analysis.shapes import eval_mode
+from lrfx.inputs import Inputs
+from lrfx.layers import is_linear, linear_like
 from lrfx.passes.analysis.spectra import layer_unfoldings
 from lrfx.pipeline import PassContext, graph_pass
-from lrfx.tracing import as_input_tuple
+from lrfx.tracing import eval_mode
 
 __all__ = ["DAMPING", "CalibrationOptions", "InputStats", "collect_input_stats", "run_checked",
            "whitened_spectra", "whitening_factor"]
@@ -53,10 +55,14 @@ class CalibrationOptions:
     """Options of :func:`collect_input_stats`.
 
     Attributes:
-        calibration: The batches: tensors, or tuples of positional inputs.
+        calibration: The batches, each in any form :class:`~lrfx.inputs.Inputs` accepts.
+        run: How to run one batch (``run(batch)``); by default the graph runs it, fed as the
+            graph's input spec says. Module-mode captures run the model itself (their graph is
+            specialized to the example's shapes).
     """
 
     calibration: Iterable[Any]
+    run: Callable[[Any], Any] | None = None
 
 
 def _same_padding(k: int, d: int) -> tuple[int, int]:
@@ -101,9 +107,9 @@ def _accumulate(stats: InputStats, key: str, rows: torch.Tensor, groups: int = 1
 def _hook(layer: LayerFacts, stats: InputStats) -> Any:
     units = layer_unfoldings(layer)
 
-    def pre_hook(m: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0]
-        if isinstance(m, nn.Linear):
+    def pre_hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        x = args[0] if args else next(iter(kwargs.values()))
+        if is_linear(m):
             _accumulate(stats, "rows", x.reshape(-1, x.shape[-1]))
             stats.count += x.reshape(-1, x.shape[-1]).shape[0]
             return
@@ -135,7 +141,7 @@ def _statable(gm: fx.GraphModule, layer: LayerFacts) -> nn.Module | None:
         m = gm.get_submodule(layer.name)
     except AttributeError:
         return None
-    return m if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) else None
+    return m if is_linear(m) or isinstance(m, (nn.Conv1d, nn.Conv2d)) else None
 
 
 class _Checked(fx.Interpreter):
@@ -145,6 +151,14 @@ class _Checked(fx.Interpreter):
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ShapeError(n.name, f"{n.op} {n.target}", first) from exc
+
+
+def _weight_of(gm: fx.GraphModule, name: str) -> torch.Tensor:
+    m = gm.get_submodule(name)
+    entry = linear_like(m)
+    w = entry.weight(m) if entry is not None else m.weight
+    assert isinstance(w, torch.Tensor)
+    return w
 
 
 def run_checked(gm: fx.GraphModule, *args: Any) -> Any:
@@ -181,12 +195,19 @@ def collect_input_stats(gm: fx.GraphModule, ctx: PassContext) -> Mapping[str, In
                 continue
             seen.add(layer.name)
             stats[layer.name] = InputStats({})
-            handles.append(m.register_forward_pre_hook(_hook(layer, stats[layer.name])))
+            handles.append(m.register_forward_pre_hook(_hook(layer, stats[layer.name]),
+                                                       with_kwargs=True))
     n_batches = 0
+    spec = get_graph_facts(gm).input_spec
+    run = ctx.option(CalibrationOptions).run
     try:
         with eval_mode(gm), torch.no_grad():
-            for batch in batches:
-                run_checked(gm, *as_input_tuple(batch, "calibration batch"))
+            for k, batch in enumerate(batches):
+                if run is not None:
+                    run(batch)
+                else:
+                    inputs = Inputs.of(batch, f"calibration batch {k}")
+                    run_checked(gm, *spec.feed(inputs))
                 n_batches += 1
     finally:
         for h in handles:
@@ -213,7 +234,7 @@ def whitened_spectra(
         st = stats.get(rec.name)
         if st is None or not st.grams:
             continue
-        w = gm.get_parameter(f"{rec.name}.weight").detach().to("cpu", torch.float64)
+        w = _weight_of(gm, rec.name).detach().to("cpu", torch.float64)
         groups = getattr(rec.calls[0], "groups", 1)
         sp = dict(rec.spectra)
         fac: dict[str, torch.Tensor] = {}

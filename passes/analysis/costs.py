@@ -9,6 +9,7 @@ layers hidden inside leaf modules. Every number comes from :mod:`lrfx.cost`.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import operator
 from collections.abc import Callable, Sequence
@@ -36,6 +37,7 @@ from lrfx.facts import (
     get_graph_facts,
     set_node_facts,
 )
+from lrfx.layers import EffectiveCall, effective_call, is_linear, linear_like, transforms_weight
 from lrfx.pipeline import PassContext, graph_pass
 from lrfx.schemes import applicable_schemes
 
@@ -213,13 +215,93 @@ def mha_layers(
     return tuple(layers)
 
 
-def _module_layers(gm: fx.GraphModule, node: fx.Node) -> tuple[LayerFacts, ...]:
+def _first_input(node: fx.Node) -> Any:
+    """A module call's input, passed positionally or as a keyword (``self.fc(input=x)``)."""
+    if node.args:
+        return node.args[0]
+    return next(iter(node.kwargs.values()), None)
+
+
+def _linear_layer(m: nn.Module, name: str, x: Shape, *, node: str,
+                  inside_leaf: str | None = None) -> LayerFacts:
+    """An ``nn.Linear`` or a linear-like module (see :mod:`lrfx.layers`) as a layer record."""
+    entry = linear_like(m)
+    if entry is None:
+        assert isinstance(m, nn.Linear)
+        g = LinearGeometry(m.in_features, m.out_features, rows=_rows(x), bias=m.bias is not None)
+        return layer_facts_for_geometry(name, g, node=node, inside_leaf=inside_leaf)
+    n_in, n_out = entry.features(m)
+    g = LinearGeometry(n_in, n_out, rows=_rows(x), bias=entry.bias(m) is not None)
+    facts = layer_facts_for_geometry(name, g, node=node, inside_leaf=inside_leaf,
+                                     weight=f"{name}.{entry.weight_attr}")
+    return dataclasses.replace(facts, weight_transposed=entry.transposed)
+
+
+def _effective_layer(m: nn.Module, name: str, x: Shape, y: Shape | None, *, node: str,
+                     inside_leaf: str | None = None) -> LayerFacts:
+    """A weight-transform layer (see :mod:`lrfx.layers`) as a layer record: the geometry of the
+    op its forward makes, on the weight it computes; or left dense, with the reason."""
+    kind = f"{type(m).__module__}.{type(m).__qualname__}"
+    call = effective_call(m, x)
+    g: Geometry
+    if isinstance(call, EffectiveCall) and call.op == "linear":
+        out, n_in = call.weight.shape
+        g = LinearGeometry(int(n_in), int(out), rows=_rows(x), bias=call.bias is not None)
+    elif isinstance(call, EffectiveCall) and y is not None:
+        g = conv_geometry(None, x, y, weight_shape=tuple(call.weight.shape), stride=call.stride,
+                          padding=call.padding, dilation=call.dilation, groups=call.groups,
+                          bias=call.bias is not None)
+    else:  # the module's own hyperparameters, for the cost; the weight is not read
+        reason = call if isinstance(call, str) else f"{kind}: no output shape"
+        if isinstance(m, nn.Linear):
+            g = LinearGeometry(m.in_features, m.out_features, rows=_rows(x),
+                               bias=m.bias is not None)
+        else:
+            assert y is not None
+            g = conv_geometry(m, x, y)
+        return layer_facts_for_geometry(name, g, node=node, inside_leaf=inside_leaf, weight=None,
+                                        note=f"weight-transform layer: {reason}; left dense")
+    facts = layer_facts_for_geometry(name, g, node=node, inside_leaf=inside_leaf, weight=None)
+    return dataclasses.replace(facts, weight_effective=True)
+
+
+def _foreign_parameters(gm: fx.GraphModule) -> dict[int, str]:
+    """Parameters owned by modules that are not layers lrfx factors (an ``nn.Embedding``...),
+    by identity: a layer whose weight is one of them is tied to that module."""
+    out: dict[int, str] = {}
+    for name, m in gm.named_modules():
+        if isinstance(m, (*_CONVS, *_CONV_T, nn.MultiheadAttention)) or is_linear(m):
+            continue
+        for pname, p in m.named_parameters(recurse=False):
+            out.setdefault(id(p), f"{name}.{pname}" if name else pname)
+    return out
+
+
+def _untie(layer: LayerFacts, m: nn.Module, foreign: dict[int, str]) -> LayerFacts:
+    w = getattr(m, "weight", None)
+    if not layer.factorable or not isinstance(w, torch.Tensor) or id(w) not in foreign:
+        return layer
+    return dataclasses.replace(layer, schemes=(), note=(
+        f"weight tied to {foreign[id(w)]}: factoring would untie them; left dense"))
+
+
+def _module_layers(gm: fx.GraphModule, node: fx.Node, foreign: dict[int, str] | None = None
+                   ) -> tuple[LayerFacts, ...]:
+    layers = _module_layers_of(gm, node)
+    if foreign:
+        m = gm.get_submodule(str(node.target))
+        layers = tuple(_untie(layer, m, foreign) for layer in layers)
+    return layers
+
+
+def _module_layers_of(gm: fx.GraphModule, node: fx.Node) -> tuple[LayerFacts, ...]:
     assert isinstance(node.target, str)
     m = gm.get_submodule(node.target)
-    x, y = _shape(node.args[0]) if node.args else None, _out_shape(node)
-    if isinstance(m, nn.Linear) and x is not None:
-        lg = LinearGeometry(m.in_features, m.out_features, rows=_rows(x), bias=m.bias is not None)
-        return (layer_facts_for_geometry(node.target, lg, node=node.name),)
+    x, y = _shape(_first_input(node)), _out_shape(node)
+    if transforms_weight(m) and x is not None:
+        return (_effective_layer(m, node.target, x, y, node=node.name),)
+    if is_linear(m) and x is not None:
+        return (_linear_layer(m, node.target, x, node=node.name),)
     if isinstance(m, (*_CONVS, *_CONV_T)) and x is not None and y is not None:
         cg = conv_geometry(m, x, y)
         return (layer_facts_for_geometry(node.target, cg, node=node.name),)
@@ -403,6 +485,22 @@ def _method_layers(node: fx.Node) -> tuple[LayerFacts, ...]:
     return _product(node, str(node.target), a, b, formula)
 
 
+def _has(gm: fx.GraphModule, path: str) -> bool:
+    try:
+        gm.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _not_substitutable(layer: LayerFacts) -> LayerFacts:
+    if not layer.factorable:
+        return layer
+    return dataclasses.replace(layer, schemes=(), note=(
+        "a functional layer of a model captured in module mode: module substitution cannot "
+        "replace it, left dense"))
+
+
 def _leaf_layers(
     gm: fx.GraphModule, node: fx.Node, calls: Sequence[Any], leaf_macs: int | None
 ) -> tuple[LayerFacts, ...]:
@@ -410,13 +508,17 @@ def _leaf_layers(
     layers: list[LayerFacts] = []
     for call in calls:
         m = gm.get_submodule(call.name)
-        ins = call.input_shapes
-        if isinstance(m, nn.Linear) and ins:
-            g: Geometry = LinearGeometry(
-                m.in_features, m.out_features, rows=_rows(ins[0]), bias=m.bias is not None
-            )
-        elif isinstance(m, _CONVS) and ins:
-            g = conv_geometry(m, ins[0], call.output_shape)
+        ins = call.input_shapes or tuple(v for _, v in call.kwargs if v)
+        if transforms_weight(m) and ins:
+            layers.append(_effective_layer(m, call.name, ins[0], call.output_shape,
+                                           node=node.name, inside_leaf=node.target))
+            continue
+        if is_linear(m) and ins:
+            layers.append(_linear_layer(m, call.name, ins[0], node=node.name,
+                                        inside_leaf=node.target))
+            continue
+        if isinstance(m, _CONVS) and ins:
+            g: Geometry = conv_geometry(m, ins[0], call.output_shape)
         elif isinstance(m, nn.MultiheadAttention):
             kw = dict(call.kwargs)
             names = ("query", "key", "value")
@@ -456,16 +558,23 @@ def annotate_costs(gm: fx.GraphModule, ctx: PassContext) -> int:
     facts = get_graph_facts(gm)
     inner = facts.leaf_calls
     leaf_macs = facts.leaf_macs
+    module_mode = facts.capture.mode == "module"
+    foreign = _foreign_parameters(gm)
     total = 0
     for node in gm.graph.nodes:
         layers: tuple[LayerFacts, ...] = ()
         if node.op == "call_module":
             if node.name in inner:
                 layers = _leaf_layers(gm, node, inner[node.name], leaf_macs.get(node.name))
+                layers = tuple(_untie(layer, gm.get_submodule(layer.name), foreign)
+                               if layer.inside_leaf and _has(gm, layer.name) else layer
+                               for layer in layers)
             else:
-                layers = _module_layers(gm, node)
+                layers = _module_layers(gm, node, foreign)
         elif node.op == "call_function":
             layers = _function_layers(node)
+            if module_mode:
+                layers = tuple(_not_substitutable(layer) for layer in layers)
         elif node.op == "call_method":
             layers = _method_layers(node)
         if layers:

@@ -22,8 +22,10 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
 
 from lrfx.errors import ShapeError
 from lrfx.facts import FrozenMap, LeafCall, get_graph_facts, set_graph_facts
+from lrfx.layers import linear_like
 from lrfx.modules import LowRankMultiheadAttention
 from lrfx.pipeline import PassContext, graph_pass
+from lrfx.tracing import eval_mode
 
 __all__ = ["InnerCall", "eval_mode", "propagate_shapes"]
 
@@ -118,7 +120,8 @@ def _arg_shape(a: fx.Node) -> Any:
 def _hooks(leaf: nn.Module, prefix: str, calls: list[InnerCall]) -> Iterator[None]:
     handles = []
     for sub_name, sub in leaf.named_modules():
-        if sub_name and isinstance(sub, HOOKED) and not _inside_hooked(leaf, sub_name):
+        hooked = isinstance(sub, HOOKED) or linear_like(sub) is not None
+        if sub_name and hooked and not _inside_hooked(leaf, sub_name):
             full = f"{prefix}.{sub_name}"
 
             def hook(
@@ -146,18 +149,6 @@ def _inside_hooked(root: nn.Module, name: str) -> bool:
         if isinstance(root.get_submodule(".".join(parts[:i])), nn.MultiheadAttention):
             return True
     return False
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode for the block; restore each one's flag afterwards."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.train(False)
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 @graph_pass(provides=["shapes"])
@@ -190,6 +181,8 @@ def propagate_shapes(gm: fx.GraphModule, ctx: PassContext) -> None:
         gm,
         facts.replace(
             input_shapes=tuple(_shape(x) for x in ctx.example_inputs),
+            input_dtypes=tuple(str(x.dtype).removeprefix("torch.") if isinstance(x, torch.Tensor)
+                               else type(x).__name__ for x in ctx.example_inputs),
             leaf_calls=FrozenMap({k: tuple(v) for k, v in prop.inner_calls.items()}),
             leaf_macs=FrozenMap(dict(prop.leaf_macs)),
         ),

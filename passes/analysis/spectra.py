@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from lrfx.decompositions import (
     Spectrum,
@@ -39,6 +39,7 @@ from lrfx.facts import (
     get_node_facts,
     set_node_facts,
 )
+from lrfx.layers import EffectiveCall, effective_call
 from lrfx.pipeline import PassContext, graph_pass
 from lrfx.progress import progress_bar
 from lrfx.schemes import get_scheme
@@ -71,20 +72,43 @@ class SpectraOptions:
 
 
 def layer_weight(gm: fx.GraphModule, layer: LayerFacts) -> torch.Tensor | None:
-    """The weight tensor a layer record refers to (its row slice for packed projections)."""
+    """The ``(out, in, ...)`` weight a layer record refers to: a parameter or buffer, the
+    property of a parametrized layer, a row slice of a packed projection, or the transpose of a
+    linear-like module's ``(in, out)`` weight."""
+    if layer.weight_effective:
+        return effective_weight(gm, layer)[0]
     if layer.weight is None:
         return None
-    w: torch.Tensor
+    w: Any
     try:
         w = gm.get_parameter(layer.weight)
     except AttributeError:
         try:
             w = gm.get_buffer(layer.weight)
         except AttributeError:
-            return None
+            owner_path, _, attr = layer.weight.rpartition(".")
+            try:
+                owner = gm.get_submodule(owner_path) if owner_path else gm
+                w = getattr(owner, attr)
+            except AttributeError:
+                return None
+    if not isinstance(w, torch.Tensor):
+        return None
     if layer.weight_rows is not None:
         w = w[layer.weight_rows[0] : layer.weight_rows[1]]
-    return w
+    return w.t() if layer.weight_transposed else w
+
+
+def effective_weight(gm: nn.Module, layer: LayerFacts
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Weight and bias a weight-transform layer's forward computes (see :mod:`lrfx.layers`)."""
+    g = layer.geometry
+    if g is None:
+        return None, None
+    call = effective_call(gm.get_submodule(layer.name), g.input_shape)
+    if not isinstance(call, EffectiveCall):
+        return None, None
+    return call.weight, call.bias
 
 
 def layer_unfoldings(layer: LayerFacts) -> tuple[str, ...]:
@@ -154,7 +178,8 @@ def compute_spectra(gm: fx.GraphModule, ctx: PassContext) -> int:
             if w is None:
                 entries.append(layer)
                 continue
-            wkey = layer.weight or ""
+            # the weight's identity: its attribute path, or the layer for a computed weight
+            wkey = layer.weight or f"<{layer.name}>"
             if wkey in bad or not is_finite(w):
                 bad.add(wkey)
                 log.warning("layer %r: weight holds NaN or Inf; no spectra", layer.name)

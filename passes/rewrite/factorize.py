@@ -38,6 +38,7 @@ from lrfx.cost import ConvGeometry, Geometry, Piece
 from lrfx.decompositions import Spectrum, WeightStamp, check_finite
 from lrfx.errors import LrfxError, UnsupportedLayerError
 from lrfx.facts import LayerFacts, get_graph_facts, get_node_facts
+from lrfx.layers import EffectiveCall, effective_call, is_linear, linear_like
 from lrfx.modules import Factored, LowRankMultiheadAttention, build_factored, mha_projection
 from lrfx.pipeline import PassContext, graph_pass, invalidate
 from lrfx.plan import LayerPlan, RankPlan
@@ -70,9 +71,13 @@ class FactorizeOptions:
     decompose: bool = True
 
 
-def _set_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
+def _set_module(gm: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at ``path``, in the training mode of the module it replaces (or its
+    owner's)."""
     parent, _, attr = path.rpartition(".")
     owner = gm.get_submodule(parent) if parent else gm
+    old = getattr(owner, attr, None)
+    module.train(old.training if isinstance(old, nn.Module) else owner.training)
     setattr(owner, attr, module)
 
 
@@ -135,7 +140,7 @@ class _Builder:
                                      whiten=whiten)
         f = build_factored(scheme.layout(g, lp.rank), scheme=lp.scheme, rank=lp.rank,
                            weights=weights, bias=bias, dtype=weight.dtype, device=weight.device,
-                           requires_grad=weight.requires_grad)
+                           requires_grad=weight.requires_grad, like=g)
         self._built[key] = f
         if bias is not None:
             self._biases[id(bias)] = f[-1].get_parameter("bias")
@@ -157,7 +162,7 @@ class _Builder:
         else:
             last.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
             self._biases[id(bias)] = last.bias
-        return Factored(*children, scheme=f.scheme, rank=f.rank)
+        return Factored(*children, scheme=f.scheme, rank=f.rank, like=f._like)
 
 
 def _tensor_meta(shape: tuple[int, ...], like: Any) -> Any:
@@ -308,7 +313,12 @@ def factorize(gm: fx.GraphModule, ctx: PassContext) -> tuple[RewriteRecord, ...]
 
     records: list[RewriteRecord] = []
     builder = _Builder(gm, opts)
-    substituted = False  # a layer replaced inside a module the shape pass measured with hooks
+    capture = get_graph_facts(gm).capture
+    # module mode: the graph only describes the call; the layers are replaced in the model copy
+    target: nn.Module = capture.root if capture.mode == "module" and capture.root is not None \
+        else gm
+    module_mode = target is not gm
+    substituted = module_mode  # a layer replaced inside something measured by hooks
     mha_parts: dict[str, dict[str, tuple[LayerFacts, LayerPlan]]] = {}
     for name, uses in found.items():
         lp = wanted[name]
@@ -318,18 +328,30 @@ def factorize(gm: fx.GraphModule, ctx: PassContext) -> tuple[RewriteRecord, ...]
             mha_parts.setdefault(parent, {})[part] = (layer, lp)
             continue
         module = _get(gm, name)
-        if isinstance(module, (nn.Linear, *_CONVS)):
-            f = builder.build(layer, module.weight, module.bias, lp)
-            _set_module(gm, name, f)
+        if module is not None and (isinstance(module, _CONVS) or is_linear(module)):
+            entry = linear_like(module)
+            weight = entry.weight(module) if entry is not None else module.weight
+            bias = entry.bias(module) if entry is not None else module.bias
+            if layer.weight_effective:  # fold the forward's weight transform in
+                assert layer.geometry is not None
+                call = effective_call(module, layer.geometry.input_shape)
+                assert isinstance(call, EffectiveCall), call
+                weight, bias = call.weight, call.bias
+            assert isinstance(weight, torch.Tensor)
+            assert bias is None or isinstance(bias, torch.Tensor)
+            f = builder.build(layer, weight, bias, lp)
+            _set_module(target, name, f)
             nodes: tuple[str, ...] = ()
             pieces = get_scheme(lp.scheme).layout(layer.geometry, lp.rank)  # type: ignore[arg-type]
             for n, lay in uses:
+                if module_mode:
+                    break
                 if lay.inside_leaf is None and n.op == "call_module" and n.target == name:
                     nodes += _inline(gm, n, name, pieces)
                 else:
                     substituted = True
             records.append(RewriteRecord(name, lp.scheme, lp.rank, name, nodes))
-        elif node.op == "call_function" and layer.weight is not None:
+        elif node.op == "call_function" and layer.weight is not None and not module_mode:
             for n, lay in uses:
                 records.append(_rewrite_functional(gm, n, lay, lp, builder))
         else:
@@ -342,25 +364,27 @@ def factorize(gm: fx.GraphModule, ctx: PassContext) -> tuple[RewriteRecord, ...]
             weight, bias = mha_projection(mha, part)
             factored[part] = builder.build(layer, weight, bias, lp)
         new = LowRankMultiheadAttention.replacing(mha, factored, parent)
-        _set_module(gm, parent, new)
+        _set_module(target, parent, new)
         substituted = True
         for part, (_, lp) in parts.items():
             records.append(RewriteRecord(f"{parent}.{part}", lp.scheme, lp.rank,
                                          f"{parent}.{part}", ()))
-    for node in list(gm.graph.nodes):  # dense weights of rewritten functional layers
-        if node.op == "get_attr" and not node.users:
-            gm.graph.erase_node(node)
-    substituted |= _disable_fused_paths(gm)
-    _drop_unused_attributes(gm)
-    gm.graph.lint()
-    gm.recompile()
+    substituted |= _disable_fused_paths(target)
+    if not module_mode:
+        for node in list(gm.graph.nodes):  # dense weights of rewritten functional layers
+            if node.op == "get_attr" and not node.users:
+                gm.graph.erase_node(node)
+        _drop_unused_attributes(gm)
+        gm.graph.lint()
+        gm.recompile()
     if substituted:
-        # the hook-measured calls inside leaves and attention modules no longer describe them
+        # the hook-measured calls inside leaves and attention modules (and, in module mode, the
+        # whole graph) no longer describe the model
         invalidate(gm, ["shapes"])
     return tuple(records)
 
 
-def _disable_fused_paths(gm: fx.GraphModule) -> bool:
+def _disable_fused_paths(gm: nn.Module) -> bool:
     """Keep ``nn.TransformerEncoderLayer``'s fused inference path away from factored layers.
 
     Its fast path reads ``linear1.weight``, ``self_attn.in_proj_weight``... directly; once any
