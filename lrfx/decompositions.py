@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -678,38 +678,56 @@ def spatial_factors(
     return vertical.contiguous(), horizontal.contiguous()
 
 
+def _top_eigvecs(gram: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` leading eigenvectors of a symmetric PSD matrix, as columns."""
+    return torch.linalg.eigh(gram)[1].flip(1)[:, :k]
+
+
 def tucker2_factors(
     weight: torch.Tensor, ranks: tuple[int, int], n_iter_max: int = 100,
-    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None, tol: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tucker-2 on modes 0 and 1 (tensorly ``partial_tucker``: HOSVD init, then HOOI).
+    """Tucker-2 on modes 0 and 1: HOSVD start, then HOOI (alternating the two factor
+    updates until the fit stops improving by ``tol``, relative to ``||W||^2``).
+
+    Each update is the leading eigenvectors of a Gram matrix (``N x N`` or ``C x C``) of the
+    weight projected on the other factor, in float64. (tensorly's ``partial_tucker`` computes the
+    same iteration with a full SVD of each ``C x r_out*kh*kw`` unfolding — and its iteration loop
+    ignores the ``svd=`` argument —, 8 s per update for CREPE's 1024-channel conv on 2 cores
+    against 0.1 s here; tests check the two agree.)
 
     ``init``: the top singular vectors ``(U_out (N, >= r_out), U_in (C, >= r_in))`` of the
     channel and mode-1 unfoldings, when the spectra pass already has them (no SVD repeated).
 
     Returns ``(first (r_in, C, 1, 1), core (r_out, r_in, *k), last (N, r_out, 1, 1))``.
     """
-    import tensorly as tl
-    from tensorly.decomposition import partial_tucker
-
     r_in, r_out = ranks
     w = _f64(weight)
+    n, c = w.shape[:2]
     ones = [1] * (w.dim() - 2)
-    with tl.backend_context("pytorch"):
-        start: Any = "svd"
-        if init is not None:
-            u_out, u_in = (_f64(u)[:, :r] for u, r in zip(init, (r_out, r_in), strict=True))
-            core0 = torch.einsum("no,nc...->oc...", u_out, w)
-            core0 = torch.einsum("ci,oc...->oi...", u_in, core0)
-            start = (core0, [u_out, u_in])  # the HOSVD, as tensorly's (core, factors)
-        out = partial_tucker(w, rank=[r_out, r_in], modes=[0, 1], init=start,
-                             n_iter_max=n_iter_max, tol=1e-10)
-    # tensorly >= 0.9 returns ((core, factors), errors); older releases return (core, factors)
-    core, factors = out[0] if isinstance(out[0], (tuple, list)) else out
-    u_out, u_in = (torch.as_tensor(f, dtype=torch.float64) for f in factors)
-    core = torch.as_tensor(core, dtype=torch.float64)
-    first = u_in.T.reshape(r_in, w.shape[1], *ones)
-    last = u_out.reshape(w.shape[0], r_out, *ones)
+    flat = w.reshape(n, c, -1)  # (N, C, K)
+    if init is not None:
+        u_out, u_in = (_f64(u)[:, :r].contiguous() for u, r in zip(init, (r_out, r_in),
+                                                                    strict=True))
+    else:
+        u_out = _top_eigvecs(torch.einsum("nck,mck->nm", flat, flat), r_out)
+        u_in = _top_eigvecs(torch.einsum("nck,ndk->cd", flat, flat), r_in)
+    total = float((flat * flat).sum())
+    fit = -1.0
+    core = torch.einsum("no,nck,ci->oik", u_out, flat, u_in)
+    for _ in range(n_iter_max):
+        a = torch.einsum("nck,ci->nik", flat, u_in).reshape(n, -1)  # W x_in U_in^T
+        u_out = _top_eigvecs(a @ a.T, r_out)
+        b = torch.einsum("no,nck->cok", u_out, flat).reshape(c, -1)  # W x_out U_out^T
+        u_in = _top_eigvecs(b @ b.T, r_in)
+        core = torch.einsum("cok,ci->oik", b.reshape(c, r_out, -1), u_in)
+        new_fit = float((core * core).sum())  # ||W||^2 - error^2 (orthonormal factors)
+        if total == 0 or abs(new_fit - fit) <= tol * total:
+            break
+        fit = new_fit
+    core = core.reshape(r_out, r_in, *w.shape[2:])
+    first = u_in.T.reshape(r_in, c, *ones)
+    last = u_out.reshape(n, r_out, *ones)
     return first.contiguous(), core.contiguous(), last.contiguous()
 
 

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 EXPORT_FORMATS = ("pt2", "onnx", "torchscript", "python")
 
+#: Models with more bytes of weights than this are exported to ONNX with external data.
+ONNX_SINGLE_FILE_LIMIT = 1_800_000_000
+
 PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -133,7 +136,8 @@ def export(
             keyword inputs, ``(args, kwargs)``).
         format: ``pt2`` (``torch.export``; reload with ``torch.export.load``), ``onnx``
             (inputs named ``input_0``, ``input_1``... when positional, by their keyword
-            otherwise), ``torchscript`` (reload with ``torch.jit.load``) or ``python`` (the
+            otherwise; weights over 1.8 GB go to ``<path>.data`` beside it), ``torchscript``
+            (reload with ``torch.jit.load``) or ``python`` (the
             graph's code; graph modules only).
 
     Example:
@@ -152,9 +156,13 @@ def export(
     bound: dict[str, Any] = {}
     if isinstance(model, fx.GraphModule):
         spec = facts_of(model).input_spec
-        keyword = bool(inputs.kwargs)
-        inputs = Inputs(spec.feed(inputs))
-        names = list(spec.names) if keyword else [f"input_{i}" for i in range(len(inputs.args))]
+        fed = spec.feed(inputs)  # checks names and fixed values; the graph's inputs in order
+        if inputs.kwargs:  # keep the keywords: the graph's forward names its inputs
+            inputs = Inputs((), dict(zip(spec.names, fed, strict=True)))
+            names = list(spec.names)
+        else:
+            inputs = Inputs(fed)
+            names = [f"input_{i}" for i in range(len(fed))]
     else:
         bound = {k: v for k, v in call_inputs(model, inputs).kwargs.items()
                  if k not in inputs.kwargs}
@@ -226,12 +234,16 @@ def _export_onnx(model: nn.Module, inputs: Inputs, names: list[str], out: Path) 
         raise LrfxError("ONNX export needs the onnx package: pip install 'lrfx[export]'") from exc
     outputs = ["output"] if isinstance(model, fx.GraphModule) else None
     kwargs = dict(inputs.kwargs) or None
+    # protobuf caps one file at 2 GB: bigger models keep their weights in "<file>.data" beside it
+    size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    external = size > ONNX_SINGLE_FILE_LIMIT
     folding = logging.getLogger("onnxscript.optimizer._constant_folding")
     level = folding.level
     folding.setLevel(logging.ERROR)  # "Evaluation failed" notes of a best-effort optimizer
     try:
         torch.onnx.export(model, inputs.args, str(out), kwargs=kwargs, input_names=names,
-                          output_names=outputs, dynamo=True, external_data=False, verbose=False)
+                          output_names=outputs, dynamo=True, external_data=external,
+                          verbose=False)
         return
     except Exception as exc:
         log.warning("torch.onnx's dynamo exporter failed on %s (%s); using the TorchScript-based "

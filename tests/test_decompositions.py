@@ -228,6 +228,27 @@ def test_tucker2_reproduces_a_weight_of_exact_multilinear_rank() -> None:
     assert float((eff - w).norm()) / float(w.norm()) < 1e-10
 
 
+def test_tucker2_hooi_matches_tensorly_partial_tucker() -> None:
+    tl = pytest.importorskip("tensorly")
+    from tensorly.decomposition import partial_tucker
+
+    w = torch.randn(12, 10, 3, 3, generator=_gen(12), dtype=torch.float64)
+    ranks = (4, 5)
+    first, core, last = dec.tucker2_factors(w, ranks)
+    ours = torch.einsum("nb,bahw,ac->nchw", last[:, :, 0, 0], core, first[:, :, 0, 0])
+    with tl.backend_context("pytorch"):
+        (core_t, (u_out, u_in)), _ = partial_tucker(w, rank=[5, 4], modes=[0, 1], tol=1e-12,
+                                                    n_iter_max=500)
+    ref = torch.einsum("nb,bahw,ca->nchw", u_out, core_t, u_in)
+    err_ours = float((ours - w).norm() / w.norm())
+    err_ref = float((ref - w).norm() / w.norm())
+    assert err_ours <= err_ref + 1e-6  # the same optimum (HOOI from the HOSVD)
+    hosvd_first, hosvd_core, hosvd_last = dec.tucker2_factors(w, ranks, n_iter_max=0)
+    hosvd = torch.einsum("nb,bahw,ac->nchw", hosvd_last[:, :, 0, 0], hosvd_core,
+                         hosvd_first[:, :, 0, 0])
+    assert err_ours <= float((hosvd - w).norm() / w.norm()) + 1e-12  # never worse than the start
+
+
 def test_check_finite_names_the_layer() -> None:
     dec.check_finite(torch.randn(3, 3), "fine")  # no error
     for bad in (float("nan"), float("inf"), float("-inf")):

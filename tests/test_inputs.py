@@ -232,3 +232,24 @@ def test_cli_factory_may_return_model_and_keyword_inputs(
     assert main(["compress", "mynets:build", "--macs", "0.6", "-o", str(tmp_path / "out"),
                  "--no-progress"]) == 0
     assert (tmp_path / "out" / "model.pt2").is_file()
+
+
+def test_fx_results_export_with_the_inputs_as_given(tmp_path: Path) -> None:
+    model, x = FlagNet().eval(), torch.randn(2, 3, 16, 16)
+    gm = lrfx.compress(model, x, macs=0.5)
+    with torch.no_grad():
+        ref = gm(x)
+    for fmt in ("pt2", "onnx", "torchscript", "python"):
+        assert lrfx.export(gm, tmp_path / f"flag.{fmt}", x, format=fmt).is_file()
+    torch.testing.assert_close(torch.export.load(tmp_path / "flag.pt2").module()(x), ref)
+    enc, kw = MaskedEncoder().eval(), _ids()
+    gm = lrfx.compress(enc, kw, macs=0.6)
+    with torch.no_grad():
+        ref = gm(**kw)["hidden"]
+    ep = torch.export.load(lrfx.export(gm, tmp_path / "enc.pt2", kw)).module()
+    torch.testing.assert_close(ep(**kw)["hidden"], ref)  # called by keyword, as traced
+    ort = pytest.importorskip("onnxruntime")
+    sess = ort.InferenceSession(str(lrfx.export(gm, tmp_path / "enc.onnx", kw, format="onnx")))
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
+    got = sess.run(None, {k: v.numpy() for k, v in kw.items()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), ref, rtol=1e-4, atol=1e-5)

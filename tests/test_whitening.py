@@ -226,3 +226,19 @@ def test_compress_whitened_beats_plain_at_the_same_plan() -> None:
         rel = e_white / sum(float((model(x) - model.layer.bias[:, None, None]).norm() ** 2)
                             for x in batches)
     assert report.layers[0]["error"] == pytest.approx(rel, rel=0.05)
+
+
+def test_unfoldings_wider_than_max_dim_keep_plain_spectra() -> None:
+    """A conv whose im2col rows are wider than ``max_dim`` gets no Gram (it would not fit in
+    memory on real networks: 65,536 columns for CREPE's second conv); narrower layers do."""
+    from lrfx.passes.analysis.activations import CalibrationOptions
+
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1))
+    gm = lrfx.trace(model)
+    x = torch.randn(2, 4, 6, 6)
+    lrfx.run_analysis(gm, (x,), spectra=False)
+    opts = CalibrationOptions(calibration=[x, x], max_dim=40)  # 4*3*3 = 36 fits, 8*3*3 does not
+    stats = collect_input_stats(gm, PassContext(options=[opts]))
+    assert "channel" in stats["0"].grams and stats["0"].count == 2 * 2 * 36
+    assert "channel" not in stats["1"].grams and "spatial" in stats["1"].grams  # 8*3 = 24
+    assert stats["1"].count > 0  # spatial rows count when the channel Gram is skipped

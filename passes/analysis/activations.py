@@ -59,10 +59,28 @@ class CalibrationOptions:
         run: How to run one batch (``run(batch)``); by default the graph runs it, fed as the
             graph's input spec says. Module-mode captures run the model itself (their graph is
             specialized to the example's shapes).
+        max_dim: The widest input side an unfolding gets statistics for (``C * kh * kw`` of a
+            conv's channel unfolding); wider ones keep plain spectra. The default (a 3x3 conv
+            over 512 channels) bounds each Gram at 170 MB.
     """
 
     calibration: Iterable[Any]
     run: Callable[[Any], Any] | None = None
+    max_dim: int = 4608
+
+
+def _too_wide(layer: LayerFacts, unit: str, dim: int, limit: int, skipped: set[str]) -> bool:
+    """Unfoldings whose input side is wider than ``limit`` get no statistics (a ``d x d``
+    float64 Gram, and ``d``-wide im2col rows per batch, would not fit in memory): their spectra
+    stay plain."""
+    if dim <= limit:
+        return False
+    key = f"{layer.name}:{unit}"
+    if key not in skipped:
+        skipped.add(key)
+        log.info("%s: the %s unfolding's input side has %d columns (> %d): no calibration "
+                 "statistics, plain spectrum", layer.name, unit, dim, limit)
+    return True
 
 
 def _same_padding(k: int, d: int) -> tuple[int, int]:
@@ -104,12 +122,14 @@ def _accumulate(stats: InputStats, key: str, rows: torch.Tensor, groups: int = 1
         stats.grams[key] = gram
 
 
-def _hook(layer: LayerFacts, stats: InputStats) -> Any:
+def _hook(layer: LayerFacts, stats: InputStats, max_dim: int, skipped: set[str]) -> Any:
     units = layer_unfoldings(layer)
 
     def pre_hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         x = args[0] if args else next(iter(kwargs.values()))
         if is_linear(m):
+            if _too_wide(layer, "rows", x.shape[-1], max_dim, skipped):
+                return
             _accumulate(stats, "rows", x.reshape(-1, x.shape[-1]))
             stats.count += x.reshape(-1, x.shape[-1]).shape[0]
             return
@@ -124,13 +144,20 @@ def _hook(layer: LayerFacts, stats: InputStats) -> Any:
             padded, _ = _pad_conv_input(x, m)
         if x.dim() == 3:  # unbatched conv2d input
             padded = padded.unsqueeze(0)
-        if "channel" in units:
+        c = padded.shape[1]
+        if "channel" in units and not _too_wide(layer, "channel", c // m.groups * k[0] * k[1],
+                                                max_dim, skipped):
             p = _patches(padded, m, k, s, d)
             _accumulate(stats, "channel", p, m.groups)
             stats.count += p.shape[0]
-        if "spatial" in units:
+            counted = True
+        else:
+            counted = False
+        if "spatial" in units and not _too_wide(layer, "spatial", c * k[0], max_dim, skipped):
             v = _patches(padded, m, (k[0], 1), (s[0], 1), (d[0], 1))
             _accumulate(stats, "spatial", v)
+            if not counted:
+                stats.count += v.shape[0]
     return pre_hook
 
 
@@ -180,13 +207,15 @@ def collect_input_stats(gm: fx.GraphModule, ctx: PassContext) -> Mapping[str, In
     Raises:
         ShapeError: A calibration batch does not fit the model; names the node.
     """
-    batches = ctx.option(CalibrationOptions).calibration
+    options = ctx.option(CalibrationOptions)
+    batches = options.calibration
     if batches is None:
         raise LrfxError("collect_input_stats needs calibration batches: "
                         "PassContext(options=[CalibrationOptions(calibration=...)])")
     stats: dict[str, InputStats] = {}
     handles = []
     seen: set[str] = set()
+    skipped: set[str] = set()
     for node in gm.graph.nodes:
         facts = get_node_facts(node)
         for layer in facts.layers if facts else ():
@@ -195,11 +224,11 @@ def collect_input_stats(gm: fx.GraphModule, ctx: PassContext) -> Mapping[str, In
                 continue
             seen.add(layer.name)
             stats[layer.name] = InputStats({})
-            handles.append(m.register_forward_pre_hook(_hook(layer, stats[layer.name]),
-                                                       with_kwargs=True))
+            hook = _hook(layer, stats[layer.name], options.max_dim, skipped)
+            handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
     n_batches = 0
     spec = get_graph_facts(gm).input_spec
-    run = ctx.option(CalibrationOptions).run
+    run = options.run
     try:
         with eval_mode(gm), torch.no_grad():
             for k, batch in enumerate(batches):
