@@ -16,7 +16,9 @@ transformers 5.x architectures of :mod:`lrfx.contrib.hf` (BERT, RoBERTa,
 DistilBERT, GPT-2 and GPT-2 LM head, Llama, ViT, Whisper encoder, T5 encoder, ConvNeXt, CLIP
 text and vision; small configs, random weights, keyword inputs with padding), and every
 classification model of torchvision (random weights, seed 0, eval mode, one
-``randn(1, 3, s, s)`` at the crop size of its DEFAULT weights). Nothing is downloaded.
+``randn(1, 3, s, s)`` at the crop size of its DEFAULT weights; the ViTs' zero-initialized heads
+get seeded ``0.02 * randn`` weights so that their output is not identically zero). Nothing is
+downloaded.
 
 Per model, each stage recording its failure reason on its own:
 
@@ -158,6 +160,13 @@ def build(suite: str, name: str) -> tuple[Any, Any]:
     if isinstance(model, VisionTransformer) and model.image_size != size:
         torch.manual_seed(0)  # vit_h_14's DEFAULT weights are 518 px SWAG ones
         model = torchvision.models.get_model(name, weights=None, image_size=size)
+    if isinstance(model, VisionTransformer):
+        # torchvision zero-initializes the ViT head, so the output would be identically zero
+        # and every relative error 0/0: give it seeded random weights like every other layer.
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in model.heads.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     return model.eval(), x
 
