@@ -20,6 +20,8 @@ rewritten graph is not analyzed again.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -39,7 +41,7 @@ from lrfx.facts import (
     update_graph_facts,
 )
 from lrfx.inputs import Inputs
-from lrfx.io import PLAN_FILE, WEIGHTS_FILE, read_manifest
+from lrfx.io import PLAN_FILE, WEIGHTS_FILE, verify_saved
 from lrfx.passes.allocation import (
     ALLOCATORS,
     build_options,
@@ -175,8 +177,60 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
 
 
 def _check_allocator(allocator: str) -> None:
-    if allocator not in ALLOCATORS:
+    if not isinstance(allocator, str) or allocator not in ALLOCATORS:
         raise LrfxError(f"unknown allocator {allocator!r}; choose one of {', '.join(ALLOCATORS)}")
+
+
+def _check_choice(argument: str, value: Any, valid: Sequence[str]) -> None:
+    if not isinstance(value, str) or value not in valid:
+        raise LrfxError(f"{argument}={value!r} is not one of {', '.join(map(repr, valid))}")
+
+
+def _allocator_settings(allocator: str) -> dict[str, inspect.Parameter]:
+    """The settings an allocator takes (its parameters after options, budget and fixed)."""
+    params = list(inspect.signature(ALLOCATORS[allocator]).parameters.values())[3:]
+    return {p.name: p for p in params}
+
+
+#: Arguments of compress/allocate that are not allocator settings (for did-you-mean hints).
+_CALL_ARGUMENTS = ("macs", "params", "allocator", "scheme", "calibration", "round_to",
+                   "recalibrate", "leaf_modules", "progress", "precision", "mode", "spectra")
+
+
+def _check_settings(allocator: str, round_to: Any, settings: Mapping[str, Any]) -> None:
+    """Validate ``round_to`` and the allocator's settings before any work is done.
+
+    Raises:
+        LrfxError: ``round_to`` is not a positive integer; a setting the allocator does not take
+            (the valid ones named, the closest suggested); a setting of the wrong type or range.
+    """
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int)
+                                 or round_to < 1):
+        raise LrfxError(f"round_to must be a positive integer (e.g. 8), got {round_to!r}")
+    accepted = _allocator_settings(allocator)
+    for key, value in settings.items():
+        if key not in accepted:
+            everywhere = sorted({*_CALL_ARGUMENTS,
+                                 *(k for a in ALLOCATORS for k in _allocator_settings(a))})
+            close = difflib.get_close_matches(key, everywhere, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            others = [a for a in ALLOCATORS if key in _allocator_settings(a)]
+            if others:
+                hint = f"; {key!r} is a setting of allocator={others[0]!r}"
+            takes = ", ".join(accepted) or "no settings"
+            raise LrfxError(f"unknown argument {key!r}{hint} (allocator {allocator!r} takes "
+                            f"{takes})")
+        default = accepted[key].default
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(default, int) and not isinstance(default, bool):
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            if not ok:
+                raise LrfxError(f"{key} must be a positive integer, got {value!r}")
+        elif key == "energy" and not (number and 0 < value <= 1):
+            raise LrfxError(f"energy must be a fraction in (0, 1], got {value!r}")
+        elif key == "value" and value is not None and not (number and value >= 0):
+            raise LrfxError(f"value must be a non-negative number (a singular-value "
+                            f"threshold), got {value!r}")
 
 
 def allocate(
@@ -216,6 +270,7 @@ def allocate(
         True
     """
     _check_allocator(allocator)
+    _check_settings(allocator, round_to, settings)
     budget = make_budget(macs, params, analysis.total_macs, analysis.total_params)
     options = build_options(analysis.layers, metric=budget.metric, schemes=scheme,
                             round_to=round_to, spectra=spectra)
@@ -467,8 +522,11 @@ def compress(
     t0 = time.perf_counter()
     check_module(model)
     _check_allocator(allocator)
+    _check_settings(allocator, round_to, settings)
     resolve_schemes(scheme)
     check_budget(macs, params)
+    _check_choice("precision", precision, ("auto", "float64", "float32"))
+    _check_choice("mode", mode, ("auto", "fx", "module"))
     batches = None if calibration is None else list(calibration)
     gm = capture(model, example_inputs, leaf_modules=leaf_modules, mode=mode)
     passes: list[GraphPass[Any]] = [propagate_shapes, annotate_costs]
@@ -529,7 +587,8 @@ def _blank_copy(model: nn.Module) -> nn.Module:
     return copy_model(model, memo)
 
 
-def _assign_weights(result: nn.Module, file: Path, model: nn.Module, where: str) -> None:
+def _assign_weights(result: nn.Module, file: Path, model: nn.Module, where: str,
+                    verified: bool = False) -> None:
     """Put the saved tensors into ``result`` (by assignment, no copy), tying aliases again, and
     take the buffers a checkpoint does not hold (non-persistent ones) from ``model``."""
     from safetensors import SafetensorError
@@ -569,10 +628,21 @@ def _assign_weights(result: nn.Module, file: Path, model: nn.Module, where: str)
             full[name] = (value, is_param)
     unexpected = sorted(set(saved) - used - set(full))
     if missing or unexpected:
+        layers = sorted({k.rpartition(".")[0] or k for k in [*missing, *unexpected]})
         raise LrfxError(
-            f"the weights in {where!r} do not fit the rebuilt model (missing: {missing[:5]}, "
-            f"unexpected: {unexpected[:5]}); pass the same architecture the plan was made for"
+            f"the weights in {where!r} do not fit the model rebuilt from its plan at "
+            f"{', '.join(repr(n) for n in layers[:5])} (missing: {missing[:5]}, unexpected: "
+            f"{unexpected[:5]}): was plan.json edited, or is this another architecture? Pass "
+            "the architecture the plan was made for, with the plan it was saved with"
         )
+    bad = [n for n, (v, _) in full.items()
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad and verified:  # byte for byte what was saved: the model itself had them
+        log.warning("the weights in %s hold non-finite values in %s, as they were saved",
+                    where, bad[:5])
+    elif bad:
+        raise LrfxError(f"the weights in {where!r} hold non-finite values in {bad[:5]}: the file "
+                        "is damaged or was saved from a diverged model; save it again")
     for name, (value, is_param) in full.items():
         owner, _, attr = name.rpartition(".")
         module = result.get_submodule(owner)
@@ -610,8 +680,12 @@ def load(
     t0 = time.perf_counter()
     check_module(model)
     d = Path(path)
-    mode = str(read_manifest(d).get("mode") or "auto")
-    plan = RankPlan.from_json((d / PLAN_FILE).read_text())
+    manifest = verify_saved(d)
+    mode = str(manifest.get("mode") or "auto")
+    try:
+        plan = RankPlan.from_json((d / PLAN_FILE).read_text())
+    except LrfxError as exc:
+        raise LrfxError(f"{str(d / PLAN_FILE)!r}: {exc}") from None
     try:
         gm = capture(_blank_copy(model), example_inputs, leaf_modules=leaf_modules, mode=mode,
                      copy=False)
@@ -626,7 +700,8 @@ def load(
     records = factorize(gm, FactorizeOptions(plan=resolved, decompose=False))
     _refresh_layers(gm)
     result = _result(gm)
-    _assign_weights(result, d / WEIGHTS_FILE, model, str(d))
+    _assign_weights(result, d / WEIGHTS_FILE, model, str(d),
+                    verified=bool((manifest.get("sha256") or {}).get(WEIGHTS_FILE)))
     result.train(model.training)
     report = _report(before, resolved, None, seconds=time.perf_counter() - t0)
     facts = update_graph_facts(gm, plan=resolved, report=report, rewrites=records)

@@ -171,8 +171,14 @@ def forward_signature(model: torch.nn.Module, unwrap: bool = False) -> inspect.S
     if unwrap:
         fn = inspect.unwrap(fn)
     sig = inspect.signature(fn)
+    if isinstance(inspect.getattr_static(type(model), "forward", None), staticmethod):
+        return sig
     params = list(sig.parameters.values())
-    return sig.replace(parameters=params[1:]) if params and params[0].name == "self" else sig
+    # The first parameter is the instance, whatever it is called (``self``, ``s``, ``mod``...);
+    # ``def forward(*args)`` receives it inside ``args`` and keeps its signature.
+    if params and params[0].kind in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
+        return sig.replace(parameters=params[1:])
+    return sig
 
 
 def bind(

@@ -14,6 +14,7 @@ class (module mode, see :mod:`lrfx.tracing`). Their facts are read with :func:`l
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -31,7 +32,7 @@ from lrfx.inputs import Inputs
 from lrfx.plan import RankPlan
 from lrfx.tracing import call_inputs, check_module
 
-__all__ = ["EXPORT_FORMATS", "export", "read_manifest", "save"]
+__all__ = ["EXPORT_FORMATS", "export", "read_manifest", "save", "verify_saved"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,9 @@ def save(model: nn.Module, path: str | Path, *, model_spec: str | None = None) -
     check_module(model)
     plan = _plan_of(model)
     out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise LrfxError(f"lrfx.save writes a directory, and {str(out)!r} is a file: pass a new "
+                        "or existing directory path (lrfx.export writes single files)")
     out.mkdir(parents=True, exist_ok=True)
     (out / PLAN_FILE).write_text(plan.to_json() + "\n")
     save_model(model, str(out / WEIGHTS_FILE))
@@ -102,6 +106,9 @@ def save(model: nn.Module, path: str | Path, *, model_spec: str | None = None) -
         "inputs": _inputs_record(facts),
         "macs_before": None if report is None else report.macs_before,
         "macs_after": None if report is None else report.macs_after,
+        # lrfx.load refuses weights that differ from what was written (a damaged copy);
+        # plan.json may be edited by hand, so it is recorded but only reported when it differs.
+        "sha256": {name: _sha256(out / name) for name in (WEIGHTS_FILE, PLAN_FILE)},
     }
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     if isinstance(model, fx.GraphModule):
@@ -114,14 +121,61 @@ def save(model: nn.Module, path: str | Path, *, model_spec: str | None = None) -
     return out
 
 
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of a directory written by :func:`save`."""
-    f = Path(path) / MANIFEST_FILE
+    d = Path(path)
+    if not d.is_dir():
+        what = "is a file" if d.exists() else "does not exist"
+        raise LrfxError(f"{str(path)!r} {what}, so it has no {MANIFEST_FILE}: pass a directory "
+                        "written by lrfx.save or `lrfx compress ... -o DIR`")
+    f = d / MANIFEST_FILE
     if not f.is_file():
         raise LrfxError(f"{str(path)!r} is not an lrfx output directory (no {MANIFEST_FILE}); "
                         "write one with lrfx.save or `lrfx apply ... -o DIR`")
-    data: dict[str, Any] = json.loads(f.read_text())
+    try:
+        data = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LrfxError(f"{str(f)!r} is damaged (not valid JSON: {exc}); save the model "
+                        "again") from exc
+    if not isinstance(data, dict) or data.get("format") != "lrfx.saved":
+        raise LrfxError(f"{str(f)!r} is not an lrfx manifest (no \"format\": \"lrfx.saved\")")
     return data
+
+
+def verify_saved(path: str | Path) -> dict[str, Any]:
+    """Check a directory written by :func:`save` before loading it: the files are there and the
+    weights are byte for byte what was written (SHA-256 in the manifest). Returns the manifest.
+
+    Raises:
+        LrfxError: A file is missing, or the weights file differs from the one saved (damaged
+            in a copy or edited). Directories saved before checksums were recorded are only
+            checked for missing files; :func:`lrfx.load` also refuses non-finite weights.
+    """
+    d = Path(path)
+    manifest = read_manifest(d)
+    for name in (PLAN_FILE, WEIGHTS_FILE):
+        if not (d / name).is_file():
+            raise LrfxError(f"{str(d)!r} has no {name}: the directory is incomplete; save the "
+                            "model again (lrfx.save writes plan, weights and manifest together)")
+    sums = manifest.get("sha256") or {}
+    want = sums.get(WEIGHTS_FILE)
+    if want is not None and _sha256(d / WEIGHTS_FILE) != want:
+        raise LrfxError(f"{str(d / WEIGHTS_FILE)!r} is damaged: its SHA-256 differs from the one "
+                        "recorded when it was saved (a truncated or corrupted copy?); copy it "
+                        "again or save the model again")
+    want = sums.get(PLAN_FILE)
+    if want is not None and _sha256(d / PLAN_FILE) != want:
+        log.warning("%s was edited after it was saved; the weights must still fit it",
+                    d / PLAN_FILE)
+    return manifest
 
 
 def export(
@@ -188,9 +242,9 @@ def export(
             except Exception as exc:
                 raise LrfxError(
                     f"torch.export cannot export {type(model).__name__} ({_first_line(exc)}); "
-                    "this comes from the model's own code (data-dependent control flow, say): "
-                    "the dense model fails the same way. Rewrite that part with torch.cond, or "
-                    "export as torchscript (which records the example's path)") from exc
+                    f"this comes from the model's own code{_suspects(model)}: the dense model "
+                    "fails the same way. Rewrite that part with torch.cond, or export as "
+                    "torchscript (which records the path the example inputs take)") from exc
             torch.export.save(ep, str(out))
         elif format == "torchscript":
             # TorchScript is deprecated upstream but still what many runtimes load; offer it
@@ -247,7 +301,9 @@ def _export_onnx(model: nn.Module, inputs: Inputs, names: list[str], out: Path) 
         return
     except Exception as exc:
         log.warning("torch.onnx's dynamo exporter failed on %s (%s); using the TorchScript-based "
-                    "exporter", type(model).__name__, _first_line(exc))
+                    "exporter, which records the path the example inputs take through any "
+                    "data-dependent control flow%s", type(model).__name__, _first_line(exc),
+                    _suspects(model))
     finally:
         folding.setLevel(level)
     with torch.no_grad(), warnings.catch_warnings():
@@ -259,6 +315,19 @@ def _export_onnx(model: nn.Module, inputs: Inputs, names: list[str], out: Path) 
             raise LrfxError(f"cannot export {type(model).__name__} to ONNX: both torch.onnx "
                             f"exporters failed (the last: {_first_line(exc)}); export as pt2 "
                             "instead") from exc
+
+
+def _suspects(model: nn.Module) -> str:
+    """The submodules that could not be traced (data-dependent control flow, usually), named
+    with their reasons, for export errors."""
+    try:
+        leaves = facts_of(model).leaves
+    except Exception:  # no facts: not an lrfx result
+        return ""
+    if not leaves:
+        return " (data-dependent control flow, say)"
+    named = "; ".join(f"{leaf.name!r} ({leaf.type}: {leaf.reason})" for leaf in leaves[:3])
+    return f", most likely the submodule(s) lrfx could not trace either: {named}"
 
 
 def _first_line(exc: BaseException) -> str:

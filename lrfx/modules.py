@@ -295,8 +295,8 @@ class LowRankMultiheadAttention(nn.Module):
     """``nn.MultiheadAttention`` with separate (possibly factored) q/k/v/out projections.
 
     Same call signature and results as the module it replaces (``batch_first``, masks,
-    ``need_weights``, ``average_attn_weights``, ``is_causal``); ``add_bias_kv`` and
-    ``add_zero_attn`` are not supported (such modules are left dense).
+    ``need_weights``, ``average_attn_weights``, ``is_causal``, ``add_bias_kv``,
+    ``add_zero_attn``).
     """
 
     # read by nn.TransformerEncoderLayer's fused-path checks: no packed projection here, so
@@ -316,6 +316,9 @@ class LowRankMultiheadAttention(nn.Module):
         *,
         dropout: float = 0.0,
         batch_first: bool = False,
+        bias_k: torch.Tensor | None = None,
+        bias_v: torch.Tensor | None = None,
+        add_zero_attn: bool = False,
     ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
@@ -323,6 +326,12 @@ class LowRankMultiheadAttention(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.dropout = dropout
         self.batch_first = batch_first
+        self.add_zero_attn = add_zero_attn
+        # ``(1, 1, E)`` key and value appended to every sequence (``add_bias_kv``)
+        self.bias_k = None if bias_k is None else nn.Parameter(
+            bias_k.detach().clone(), requires_grad=bias_k.requires_grad)
+        self.bias_v = None if bias_v is None else nn.Parameter(
+            bias_v.detach().clone(), requires_grad=bias_v.requires_grad)
         self.q_proj = q_proj
         self.k_proj = k_proj
         self.v_proj = v_proj
@@ -333,9 +342,6 @@ class LowRankMultiheadAttention(nn.Module):
         cls, mha: nn.MultiheadAttention, factored: Mapping[str, nn.Module], name: str = "mha"
     ) -> LowRankMultiheadAttention:
         """Build the replacement of ``mha``; ``factored`` maps ``q_proj``... to new modules."""
-        if mha.bias_k is not None or mha.add_zero_attn:
-            raise UnsupportedLayerError(name, "add_bias_kv / add_zero_attn attention is not "
-                                        "supported by the low-rank rewrite; leave it dense")
         e = mha.embed_dim
         projs: dict[str, nn.Module] = {}
         for part, dim in (("q_proj", e), ("k_proj", mha.kdim), ("v_proj", mha.vdim)):
@@ -354,7 +360,8 @@ class LowRankMultiheadAttention(nn.Module):
             out.weight = nn.Parameter(mha.out_proj.weight.detach().clone())
             _copy_bias(out, mha.out_proj.bias)
         return cls(e, mha.num_heads, projs["q_proj"], projs["k_proj"], projs["v_proj"], out,
-                   dropout=mha.dropout, batch_first=mha.batch_first)
+                   dropout=mha.dropout, batch_first=mha.batch_first, bias_k=mha.bias_k,
+                   bias_v=mha.bias_v, add_zero_attn=mha.add_zero_attn)
 
     def forward(
         self,
@@ -377,13 +384,23 @@ class LowRankMultiheadAttention(nn.Module):
         length, batch, _ = query.shape
         s = key.shape[0]
         h, hd = self.num_heads, self.head_dim
+        pk, pv = self.k_proj(key), self.v_proj(value)
+        if self.bias_k is not None and self.bias_v is not None:
+            pk = torch.cat([pk, self.bias_k.expand(1, batch, self.embed_dim)])
+            pv = torch.cat([pv, self.bias_v.expand(1, batch, self.embed_dim)])
+        keys = pk.shape[0]
         q = self.q_proj(query).reshape(length, batch * h, hd).transpose(0, 1)
-        k = self.k_proj(key).reshape(s, batch * h, hd).transpose(0, 1)
-        v = self.v_proj(value).reshape(s, batch * h, hd).transpose(0, 1)
+        k = pk.reshape(keys, batch * h, hd).transpose(0, 1)
+        v = pv.reshape(keys, batch * h, hd).transpose(0, 1)
         q = q.reshape(batch, h, length, hd)
-        k = k.reshape(batch, h, s, hd)
-        v = v.reshape(batch, h, s, hd)
+        k = k.reshape(batch, h, keys, hd)
+        v = v.reshape(batch, h, keys, hd)
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(batch, h, 1, hd)], dim=2)
+            v = torch.cat([v, v.new_zeros(batch, h, 1, hd)], dim=2)
         mask = _merge_masks(attn_mask, key_padding_mask, batch, h, length, s, q.dtype)
+        if mask is not None and k.shape[2] > s:  # the appended keys are never masked
+            mask = F.pad(mask, (0, k.shape[2] - s))
         causal = is_causal and key_padding_mask is None and not need_weights
         if causal:
             mask = None

@@ -114,7 +114,8 @@ class FallbackTracer(fx.Tracer):
         fn = inspect.unwrap(root_fn) if self._unwrap else root_fn
         if self._spec is not None and is_module:
             fn = _with_fixed(fn, self._spec)
-        self._root_params = [p for p in inspect.signature(fn).parameters if p != "self"]
+        params = list(inspect.signature(fn).parameters)
+        self._root_params = params[1:] if is_module else params  # the instance goes first
         return super().create_args_for_root(fn, is_module, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -554,6 +555,9 @@ def capture(
         raise LrfxError(f"mode must be 'auto', 'fx' or 'module', got {mode!r}")
     inputs = Inputs.of(example_inputs)
     root = _copy(model) if copy else model
+    if isinstance(root, KNOWN_LEAVES + tuple(t for t in leaf_modules if isinstance(t, type))) \
+            or linear_like(root) is not None:
+        root = _whole(root)  # a leaf as the whole model: it becomes the graph's one call
     decorated = hasattr(type(root).forward, "__wrapped__")
     top_level = "module mode was asked for"
     if mode == "fx" or (mode == "auto" and not decorated):
@@ -585,6 +589,32 @@ def capture(
     log.info("%s: module mode (%s): layers are substituted into a copy of the model",
              type(model).__name__, top_level)
     return _finish(root, tracer, graph, spec, info)
+
+
+class _Whole(nn.Module):
+    """Holds a model that is itself a leaf (``nn.MultiheadAttention``, say) as ``module``, so
+    that the graph calls it like any leaf (its layers are named ``module.*``, as in
+    ``DataParallel``)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+
+def _whole(model: nn.Module) -> nn.Module:
+    """``model`` inside a :class:`_Whole` whose ``forward`` has the model's own signature (so
+    that inputs bind by name and flags take their defaults)."""
+
+    def forward(self: _Whole, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    inner = inspect.signature(type(model).forward)
+    forward.__signature__ = inner  # type: ignore[attr-defined]
+    cls = type(f"Whole{type(model).__name__}", (_Whole,), {"forward": forward})
+    return cls(model)
 
 
 def _forward_error(model: nn.Module, root: nn.Module, inputs: Inputs, spec: InputSpec,

@@ -109,3 +109,14 @@ def small_cnn() -> SmallCNN:
 @pytest.fixture
 def shared_net() -> SharedNet:
     return SharedNet()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print what the fuzz and bad-input catalog tests checked (counts of cases)."""
+    import sys
+
+    for module, title in (("test_fuzz", "fuzz"), ("test_catalog", "bad-input catalog")):
+        counts = getattr(sys.modules.get(module), "COUNTS", None)
+        if counts:
+            parts = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+            terminalreporter.write_line(f"{title}: {sum(counts.values())} cases ({parts})")

@@ -232,11 +232,16 @@ def collect_input_stats(gm: fx.GraphModule, ctx: PassContext) -> Mapping[str, In
     try:
         with eval_mode(gm), torch.no_grad():
             for k, batch in enumerate(batches):
-                if run is not None:
-                    run(batch)
-                else:
-                    inputs = Inputs.of(batch, f"calibration batch {k}")
-                    run_checked(gm, *spec.feed(inputs))
+                try:
+                    if run is not None:
+                        run(batch)
+                    else:
+                        inputs = Inputs.of(batch, f"calibration batch {k}")
+                        run_checked(gm, *spec.feed(inputs))
+                except ShapeError:
+                    raise  # names the node already
+                except LrfxError as exc:
+                    raise LrfxError(f"calibration batch {k}: {exc}{_pair_hint(batch)}") from exc
                 n_batches += 1
     finally:
         for h in handles:
@@ -245,6 +250,15 @@ def collect_input_stats(gm: fx.GraphModule, ctx: PassContext) -> Mapping[str, In
         raise LrfxError("calibration is empty: give at least one batch")
     update_graph_facts(gm, input_stats=FrozenMap(stats))
     return stats
+
+
+def _pair_hint(batch: Any) -> str:
+    """A hint when a calibration batch looks like the ``(inputs, labels)`` a DataLoader yields."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 \
+            and isinstance(batch[1], torch.Tensor) and not batch[1].is_floating_point():
+        return (". It looks like an (inputs, labels) pair as a DataLoader yields: pass the "
+                "inputs only, e.g. calibration=(x for x, _ in loader)")
+    return ""
 
 
 def whitened_spectra(

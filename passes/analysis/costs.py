@@ -177,8 +177,8 @@ def mha_layers(
     e = m.embed_dim
     has_bias = m.in_proj_bias is not None
     note = ""
-    if m.bias_k is not None or m.add_zero_attn:
-        note = "add_bias_kv / add_zero_attn attention: projections left dense"
+    # keys attended to: the sequence, plus add_bias_kv's appended key and add_zero_attn's zeros
+    keys = s + (m.bias_k is not None) + bool(m.add_zero_attn)
     projs = (("q_proj", e, length), ("k_proj", m.kdim, s), ("v_proj", m.vdim, s))
     layers = []
     for i, (part, dim, rows) in enumerate(projs):
@@ -197,7 +197,7 @@ def mha_layers(
                 note=note,
             )
         )
-    attn = 2 * batch * length * s * e
+    attn = 2 * batch * length * keys * e
     layers.append(
         LayerFacts(f"{name}.attention", "attention", attn, node=node, inside_leaf=inside_leaf,
                    note="attention products: no weights")

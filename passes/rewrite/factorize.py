@@ -215,11 +215,22 @@ def _inline(gm: fx.GraphModule, node: fx.Node, path: str, pieces: tuple[Piece, .
     return tuple(n.name for n in created)
 
 
+def _attribute_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    """The parameter or buffer a functional layer's weight reads (``get_attr`` target)."""
+    owner_path, _, attr = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    w = getattr(owner, attr, None)
+    if not isinstance(w, torch.Tensor):
+        raise UnsupportedLayerError(target, "its weight is not a parameter or buffer of the "
+                                    "model; leave it dense (drop it from the plan)")
+    return w
+
+
 def _rewrite_functional(
     gm: fx.GraphModule, node: fx.Node, layer: LayerFacts, lp: LayerPlan, builder: _Builder
 ) -> RewriteRecord:
     assert layer.weight is not None and lp.rank is not None and layer.geometry is not None
-    weight = gm.get_parameter(layer.weight)
+    weight = _attribute_tensor(gm, layer.weight)  # a buffer gives frozen factors
     f = builder.build(layer, weight, None, lp, own_bias=False)  # the graph adds the bias
     path = layer.name if not _has_attr(gm, layer.name) else f"{layer.name}_lowrank"
     _set_module(gm, path, f)
@@ -268,7 +279,7 @@ def _drop_unused_attributes(gm: fx.GraphModule) -> None:
             for m in _ancestors(gm, owner_path)
         ):
             continue
-        if type(owner) is nn.Module:  # attribute holder made by GraphModule, not a real layer
+        if owner is gm or type(owner) is nn.Module:  # GraphModule's own copies, not a layer
             delattr(owner, attr)
     gm.delete_all_unused_submodules()
 
