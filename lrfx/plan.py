@@ -289,7 +289,12 @@ def _entry_from_dict(d: Any, where: str) -> PlanEntry:
     if not isinstance(d, Mapping):
         raise LrfxError(f"{where}: a layer's entry must be an object with a \"scheme\" key "
                         f"(e.g. {{\"scheme\": \"channel\", \"rank\": 16}}), got {d!r}")
-    return _entry_type(d.get("scheme"), where).from_dict(d, where)
+    try:
+        return _entry_type(d.get("scheme"), where).from_dict(d, where)
+    except LrfxError as exc:  # checks inside the entry's constructor do not know its name
+        if str(exc).startswith(where):
+            raise
+        raise LrfxError(f"{where}: {str(exc).removeprefix('LayerPlan: ')}") from None
 
 
 @dataclass(frozen=True, eq=False)

@@ -38,6 +38,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.node import map_aggregate
 
@@ -438,9 +439,44 @@ def _requested_leaves(gm: fx.GraphModule, tracer: FallbackTracer) -> tuple[LeafI
     return tuple(found.values())
 
 
+_MISSING_ARG = object()
+_CONV_DEFAULTS = (("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))
+_CONV_T_DEFAULTS = (("bias", None), ("stride", 1), ("padding", 0), ("output_padding", 0),
+                    ("groups", 1), ("dilation", 1))
+#: Functional layers whose keyword arguments are made positional: ``F.linear(input=x,
+#: weight=w)`` is the same layer as ``F.linear(x, w)``, and the passes read arguments by position.
+_POSITIONAL: dict[Any, tuple[tuple[str, Any], ...]] = {
+    F.linear: (("input", _MISSING_ARG), ("weight", _MISSING_ARG), ("bias", None)),
+    **{fn: (("input", _MISSING_ARG), ("weight", _MISSING_ARG), *_CONV_DEFAULTS)
+       for fn in (F.conv1d, F.conv2d, F.conv3d)},
+    **{fn: (("input", _MISSING_ARG), ("weight", _MISSING_ARG), *_CONV_T_DEFAULTS)
+       for fn in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)},
+}
+_POSITIONAL[torch._C._nn.linear] = _POSITIONAL[F.linear]
+
+
+def _positional_calls(graph: fx.Graph) -> None:
+    """Rewrite keyword arguments of functional linear/conv calls as positional ones."""
+    for node in graph.nodes:
+        params = _POSITIONAL.get(node.target) if node.op == "call_function" else None
+        if params is None or not node.kwargs:
+            continue
+        names = [n for n, _ in params]
+        if any(k not in names for k in node.kwargs):
+            continue  # not a call these names describe: leave it as it is
+        given = dict(zip(names, node.args, strict=False))
+        given.update(node.kwargs)
+        last = max(names.index(k) for k in given)
+        if any(given.get(n, d) is _MISSING_ARG for n, d in params[: last + 1]):
+            continue
+        node.args = tuple(given.get(n, d) for n, d in params[: last + 1])
+        node.kwargs = {}
+
+
 def _finish(root: nn.Module, tracer: FallbackTracer, graph: fx.Graph, spec: InputSpec,
             info: CaptureInfo) -> fx.GraphModule:
     name = type(root).__name__
+    _positional_calls(graph)
     gm = fx.GraphModule(tracer.root, graph, name)
     leaves = tuple(tracer.auto_leaves.values()) + _requested_leaves(gm, tracer)
     total_params = sum(p.numel() for p in {id(p): p for p in root.parameters()}.values())

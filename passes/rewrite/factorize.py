@@ -110,6 +110,9 @@ class _Builder:
         self.opts = opts
         self.epoch = get_graph_facts(gm).weights_version
         self._built: dict[tuple[Any, ...], Factored] = {}
+        # the same weight at the same scheme and rank, whatever the call's stride or padding:
+        # the factors' values do not depend on them, so calls with other geometry share them
+        self._by_weight: dict[tuple[Any, ...], Factored] = {}
         self._biases: dict[int, nn.Parameter] = {}  # original bias id -> its factored copy
 
     def spectra(self, layer: LayerFacts, weight: torch.Tensor) -> dict[str, Spectrum]:
@@ -127,11 +130,18 @@ class _Builder:
             g = dataclasses.replace(g, bias=False)
         # storage, shape and strides identify the weight (one Parameter shared by two layers,
         # or one slice of a packed projection), the conv arguments the rest
-        key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), _geometry_key(g),
-               lp.scheme, lp.rank)
+        wkey = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), lp.scheme,
+                lp.rank)
+        key = (*wkey, _geometry_key(g))
         if key in self._built:
             return self._share(self._built[key], bias)
         scheme = get_scheme(lp.scheme)
+        if wkey in self._by_weight:  # same factors, this call's own conv arguments
+            f = build_factored(scheme.layout(g, lp.rank), scheme=lp.scheme, rank=lp.rank,
+                               bias=None, dtype=weight.dtype, device="meta", like=g)
+            f = self._share(f, bias, weights_of=self._by_weight[wkey])
+            self._built[key] = f
+            return f
         weights = None
         if self.opts.decompose:
             check_finite(weight, layer.name)
@@ -142,17 +152,24 @@ class _Builder:
                            weights=weights, bias=bias, dtype=weight.dtype, device=weight.device,
                            requires_grad=weight.requires_grad, like=g)
         self._built[key] = f
+        self._by_weight[wkey] = f
         if bias is not None:
             self._biases[id(bias)] = f[-1].get_parameter("bias")
         return f
 
-    def _share(self, f: Factored, bias: torch.Tensor | None) -> Factored:
-        """A new container whose factor weights are the same Parameters as ``f``'s; the bias is
-        the layer's own (shared too when the dense layers shared one)."""
+    def _share(self, f: Factored, bias: torch.Tensor | None,
+               weights_of: Factored | None = None) -> Factored:
+        """A new container whose factor weights are the same Parameters as ``f``'s (or, with
+        ``weights_of``, as that one's: ``f`` then only gives the pieces' conv arguments); the
+        bias is the layer's own (shared too when the dense layers shared one)."""
         children = []
-        for child in f:
+        for i, child in enumerate(f):
             c = copy.copy(child)
-            c._parameters = dict(child._parameters)
+            for k, v in vars(c).items():  # its own dicts (parameters, hooks...), same tensors
+                if isinstance(v, dict):
+                    vars(c)[k] = copy.copy(v)
+            if weights_of is not None:
+                c._parameters["weight"] = weights_of[i].get_parameter("weight")
             children.append(c)
         last = children[-1]
         if bias is None:
@@ -233,6 +250,9 @@ def _rewrite_functional(
     weight = _attribute_tensor(gm, layer.weight)  # a buffer gives frozen factors
     f = builder.build(layer, weight, None, lp, own_bias=False)  # the graph adds the bias
     path = layer.name if not _has_attr(gm, layer.name) else f"{layer.name}_lowrank"
+    stem, k = path, 1
+    while _has_attr(gm, path):  # one module per call site (a weight used by several calls)
+        path, k = f"{stem}_{k}", k + 1
     _set_module(gm, path, f)
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     pieces = get_scheme(lp.scheme).layout(dataclasses.replace(layer.geometry, bias=False),
