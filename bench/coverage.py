@@ -6,7 +6,8 @@
     .venv/bin/python bench/coverage.py --resume              # finish an interrupted sweep
     .venv/bin/python bench/coverage.py --report              # table + PNG from the JSON
 
-Options: ``--out PATH`` (default ``bench/results/coverage.json``, PNG next to it),
+A run replaces the records of the models it runs and keeps the others (``--fresh`` starts a new
+file). Options: ``--out PATH`` (default ``bench/results/coverage.json``, PNG next to it),
 ``--threads N`` (default 2), ``--timeout S`` per model (default 1800), ``--capture-reps N``
 (default 3), ``--no-export``.
 
@@ -511,13 +512,15 @@ def main() -> int:
     p.add_argument("--no-export", action="store_true")
     p.add_argument("--resume", action="store_true", help="skip models already in the JSON")
     p.add_argument("--report", action="store_true", help="only print/plot the existing JSON")
+    p.add_argument("--fresh", action="store_true",
+                   help="start a new JSON (default: keep the records of models not run)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker_main(args)
     data: dict[str, Any] = {"records": []}
-    if args.out.exists() and (args.resume or args.report or args.models):
+    if args.out.exists() and not args.fresh:  # a run replaces only the models it runs
         data = json.loads(args.out.read_text())
     if args.report:
         print(table(data["records"]))

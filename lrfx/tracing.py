@@ -19,11 +19,13 @@ non-tensor argument of ``forward`` (flags, ``None`` masks) is fixed automaticall
    (a compressed ``BertModel`` is still a ``BertModel``). Submodules that cannot be traced even
    so become leaves, analyzed with hooks on the real forward.
 
-Why not ``torch.export`` for module-mode analysis: it captures the same 11 transformers models
-(see ``bench/coverage.py``), but at the aten level (every layer is an ``aten.linear`` to map back
-through ``nn_module_stack``, attention decomposed) and 10-50x slower to capture than the
-value-carrying FX trace (0.13-0.6 s vs 10-20 ms per tiny model, measured in the coverage bench);
-lrfx uses it for what it is best at, the exported artifact (:func:`lrfx.export`).
+Why not ``torch.export`` for module-mode analysis: it captures the same 12 transformers models
+(``bench/coverage.py --suite hf``), but at the aten level (every layer an ``aten.linear`` to map
+back through ``nn_module_stack``, attention decomposed, no ``call_module`` structure to rewrite),
+and it refuses data-dependent control flow that the value-carrying trace simply follows for the
+example. It is also slower: 2.1-3.6x (median 3.0x) the capture time of the value-carrying trace
+on those models (2 threads, tiny configs, medians of interleaved repeats in that bench). lrfx
+uses it for what it is best at, the exported artifact (:func:`lrfx.export`).
 """
 
 from __future__ import annotations
