@@ -23,6 +23,7 @@ import dataclasses
 import difflib
 import inspect
 import logging
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -373,15 +374,10 @@ def _check_weights(gm: fx.GraphModule, plan: RankPlan) -> None:
 
 def _output_fits(shape: tuple[int, ...], g: Any) -> bool:
     """Whether a layer output of ``shape`` is what the dense layer of geometry ``g`` gives."""
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     if isinstance(g, ConvGeometry):
         tail = (g.out_channels, *g.out_spatial)
-        want = g.batch * g.out_channels
-        for d in g.out_spatial:
-            want *= d
-        return tuple(shape[-len(tail):]) == tail and n == want
+        return tuple(shape[-len(tail):]) == tail and n == g.batch * math.prod(tail)
     if isinstance(g, LinearGeometry):
         return bool(shape) and shape[-1] == g.out_features and n == g.rows * g.out_features
     return True
@@ -479,15 +475,26 @@ def apply(
     before = run_analysis(gm, example_inputs, spectra=False)
     resolved = rank_plan.resolve(before)
     _check_weights(gm, resolved)
-    records = factorize(gm, FactorizeOptions(plan=resolved))
+    records, _ = _rewrite(gm, resolved, before, model, example_inputs, leaf_modules, mode,
+                          verify)
+    report = _report(before, resolved, None, seconds=time.perf_counter() - t0)
+    update_graph_facts(gm, plan=resolved, report=report, rewrites=records)
+    return _result(gm)
+
+
+def _rewrite(gm: fx.GraphModule, plan: RankPlan, before: Analysis, model: nn.Module,
+             example_inputs: Any, leaf_modules: Sequence[type[nn.Module] | str], mode: str,
+             verify: bool) -> tuple[tuple[RewriteRecord, ...], nn.Module]:
+    """The rewrite step of :func:`apply` and :func:`compress`: factorize, refresh the layer
+    facts, check every factored layer's output shape and, with ``verify``, the full-rank
+    equivalent. Returns the records and the result (graph module or module-mode model)."""
+    records = factorize(gm, FactorizeOptions(plan=plan))
     _refresh_layers(gm)
     result = _result(gm)
     _check_shapes(result, gm, records, before, example_inputs)
     if verify:
-        _verify_full_rank(model, resolved, example_inputs, leaf_modules, mode)
-    report = _report(before, resolved, None, seconds=time.perf_counter() - t0)
-    update_graph_facts(gm, plan=resolved, report=report, rewrites=records)
-    return _result(gm)
+        _verify_full_rank(model, plan, example_inputs, leaf_modules, mode)
+    return records, result
 
 
 def _full_rank(plan: RankPlan, before: Analysis, names: Iterable[str]) -> RankPlan:
@@ -675,12 +682,8 @@ def compress(
                     type(model).__name__)
     plan, errors = allocate(before, macs=macs, params=params, allocator=allocator,
                             scheme=scheme, round_to=round_to, **settings)
-    records = factorize(gm, FactorizeOptions(plan=plan))
-    _refresh_layers(gm)
-    result = _result(gm)
-    _check_shapes(result, gm, records, before, example_inputs)
-    if verify:
-        _verify_full_rank(model, plan, example_inputs, leaf_modules, mode)
+    records, result = _rewrite(gm, plan, before, model, example_inputs, leaf_modules, mode,
+                               verify)
     if batches is not None and recalibrate:
         recalibrate_bn(result, batches if result is not gm else
                        [_feed(gm, b) for b in batches])

@@ -632,14 +632,11 @@ def capture(
 class _Whole(nn.Module):
     """Holds a model that is itself a leaf (``nn.MultiheadAttention``, say) as ``module``, so
     that the graph calls it like any leaf (its layers are named ``module.*``, as in
-    ``DataParallel``)."""
+    ``DataParallel``). Its ``forward`` comes from :func:`_whole`."""
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self.module = module
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module(*args, **kwargs)
 
 
 def _whole(model: nn.Module) -> nn.Module:
