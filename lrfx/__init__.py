@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs
         run_analysis,
         validate_plan,
     )
+    from lrfx.config import CompressConfig
     from lrfx.cost import ConvGeometry, Cost, LinearGeometry, dense_cost
     from lrfx.errors import (
         BudgetInfeasibleError,
@@ -80,6 +81,7 @@ _EXPORTS: dict[str, str] = {
     "recalibrate_bn": "lrfx.api",
     "run_analysis": "lrfx.api",
     "validate_plan": "lrfx.api",
+    "CompressConfig": "lrfx.config",
     "ConvGeometry": "lrfx.cost",
     "Cost": "lrfx.cost",
     "LinearGeometry": "lrfx.cost",

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import fx
+from torch import fx, nn
 
 from lrfx.cost import Geometry
 from lrfx.errors import SchemeError
@@ -52,6 +52,8 @@ class LayerRecord:
         spectra: Singular values per unfolding.
         folded: A weight-transform layer (weight standardization...): its spectra and factors
             are those of the weight its forward computes (see :mod:`lrfx.layers`).
+        types: Class names of the layer's module and its bases (``("Linear", "Module")``);
+            empty for functional layers and the parts of attention modules.
     """
 
     name: str
@@ -65,6 +67,7 @@ class LayerRecord:
     inside_leaf: str | None = None
     spectra: Mapping[str, Spectrum] = field(default_factory=lambda: FrozenMap({}))
     folded: bool = False
+    types: tuple[str, ...] = ()
 
     @property
     def weight_shape(self) -> tuple[int, ...] | None:
@@ -212,6 +215,7 @@ class Analysis:
                     inside_leaf=first.inside_leaf,
                     spectra=first.spectra,
                     folded=first.weight_effective,
+                    types=_types(gm, name),
                 )
             )
         g = get_graph_facts(gm)
@@ -300,3 +304,13 @@ class Analysis:
             lines.append("* weight-transform layer: the weight its forward computes is analyzed "
                          "and factored (the transform is folded in)")
         return lines
+
+
+def _types(gm: fx.GraphModule, name: str) -> tuple[str, ...]:
+    """Class names of the module called ``name`` and its bases (empty when there is none)."""
+    try:
+        module = gm.get_submodule(name)
+    except AttributeError:
+        return ()
+    return tuple(c.__name__ for c in type(module).__mro__
+                 if issubclass(c, nn.Module) and c is not nn.Module)

@@ -34,6 +34,8 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
 from lrfx.analysis import Analysis
+from lrfx.batches import model_inputs, take_batches
+from lrfx.config import CompressConfig
 from lrfx.cost import ConvGeometry, LinearGeometry
 from lrfx.decompositions import Spectrum, check_finite
 from lrfx.errors import LrfxError
@@ -68,6 +70,7 @@ from lrfx.passes.analysis.spectra import layer_weight
 from lrfx.passes.rewrite import FactorizeOptions, factorize
 from lrfx.pipeline import GraphPass, PassContext, Pipeline
 from lrfx.plan import LayerPlan, RankPlan
+from lrfx.progress import step
 from lrfx.report import CompressionReport, RewriteRecord
 from lrfx.tracing import call_inputs, capture, check_module, copy_model, eval_mode
 
@@ -180,16 +183,6 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
 # --- allocation -----------------------------------------------------------------------------------
 
 
-def _check_allocator(allocator: str) -> None:
-    if not isinstance(allocator, str) or allocator not in ALLOCATORS:
-        raise LrfxError(f"unknown allocator {allocator!r}; choose one of {', '.join(ALLOCATORS)}")
-
-
-def _check_choice(argument: str, value: Any, valid: Sequence[str]) -> None:
-    if not isinstance(value, str) or value not in valid:
-        raise LrfxError(f"{argument}={value!r} is not one of {', '.join(map(repr, valid))}")
-
-
 def _allocator_settings(allocator: str) -> dict[str, inspect.Parameter]:
     """The settings an allocator takes (its parameters after options, budget and fixed)."""
     params = list(inspect.signature(ALLOCATORS[allocator]).parameters.values())[3:]
@@ -239,12 +232,17 @@ def _check_settings(allocator: str, round_to: Any, settings: Mapping[str, Any]) 
 
 def allocate(
     analysis: Analysis,
+    config: CompressConfig | Mapping[str, Any] | str | Path | None = None,
     *,
     macs: float | int | None = None,
     params: float | int | None = None,
-    allocator: str = "lc",
-    scheme: str = "auto",
+    allocator: str | None = None,
+    scheme: str | None = None,
     round_to: int | None = None,
+    exclude: Sequence[Any] | None = None,
+    min_rank: int | Mapping[str, int] | None = None,
+    max_rank: int | Mapping[str, int] | None = None,
+    max_error: float | Mapping[str, float] | None = None,
     spectra: Mapping[str, Mapping[str, Spectrum]] | None = None,
     **settings: Any,
 ) -> tuple[RankPlan, dict[str, float]]:
@@ -252,16 +250,20 @@ def allocate(
 
     Args:
         analysis: From :func:`lrfx.analyze` (with spectra).
+        config: A :class:`lrfx.CompressConfig` (or its dict, or a JSON file); the keyword
+            arguments below override its fields.
         macs, params: The budget: a fraction of the model's total in (0, 1], or an absolute count.
-        allocator: ``lc``, ``energy``, ``global_sigma`` or ``uniform``.
+        allocator: ``lc`` (default), ``energy``, ``global_sigma`` or ``uniform``.
         scheme: ``auto`` or one of ``channel``, ``spatial``, ``tucker2`` (Linear layers use svd).
         round_to: Round ranks to multiples of this.
+        exclude, min_rank, max_rank, max_error: Layers left dense and per-layer bounds (see
+            :class:`lrfx.CompressConfig`).
         spectra: Per layer spectra to use instead of the analysis's (whitened ones).
         settings: Allocator settings (``rank_min`` for global_sigma...).
 
     Returns:
-        The plan, resolved (weight shapes and predicted MACs/params filled in), and the
-        predicted relative error of each factored layer.
+        The plan, resolved (weight shapes and predicted MACs/params filled in; the config in
+        ``plan.settings["config"]``), and the predicted relative error of each factored layer.
 
     Raises:
         BudgetInfeasibleError: Even the cheapest plan exceeds the budget (says the minimum).
@@ -269,27 +271,97 @@ def allocate(
     Example:
         >>> import torch, torchvision, lrfx
         >>> a = lrfx.analyze(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
-        >>> plan, errors = lrfx.allocate(a, macs=0.5)
-        >>> plan.macs <= 0.5 * a.total_macs
-        True
+        >>> plan, errors = lrfx.allocate(a, macs=0.5, exclude=["fc"])
+        >>> plan.macs <= 0.5 * a.total_macs, "fc" in plan.factored
+        (True, False)
     """
-    _check_allocator(allocator)
-    _check_settings(allocator, round_to, settings)
-    budget = make_budget(macs, params, analysis.total_macs, analysis.total_params)
-    options = build_options(analysis.layers, metric=budget.metric, schemes=scheme,
-                            round_to=round_to, spectra=spectra)
+    cfg = _config(config, settings, macs=macs, params=params, allocator=allocator,
+                  scheme=scheme, round_to=round_to, exclude=exclude, min_rank=min_rank,
+                  max_rank=max_rank, max_error=max_error)
+    result = _allocate(analysis, cfg, spectra)
+    return result.plan, result.errors
+
+
+def _config(config: Any, settings: Mapping[str, Any], **overrides: Any) -> CompressConfig:
+    """The call's config: ``config`` with the keyword arguments given, settings merged."""
+    cfg = CompressConfig.of(config, **overrides)
+    if settings:
+        cfg = cfg.replace(settings={**cfg.settings, **settings})
+    _check_settings(cfg.allocator, cfg.round_to, cfg.settings)
+    resolve_schemes(cfg.scheme)
+    return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class _Allocation:
+    plan: RankPlan
+    errors: dict[str, float]
+    curves: dict[str, dict[str, Any]]
+    skipped: dict[str, str]
+    warnings: tuple[str, ...]
+
+
+def _allocate(analysis: Analysis, cfg: CompressConfig,
+              spectra: Mapping[str, Mapping[str, Spectrum]] | None = None) -> _Allocation:
+    """Allocation with everything the report needs: curves, layers left dense, warnings."""
+    check_budget(cfg.macs, cfg.params)
+    budget = make_budget(cfg.macs, cfg.params, analysis.total_macs, analysis.total_params)
+    rules = cfg.rules()
+    notes = [*rules.check_against([r.name for r in analysis.factorable],
+                                  lambda n: analysis[n].types)]
+    skipped: dict[str, str] = {}
+    options = build_options(analysis.layers, metric=budget.metric, schemes=cfg.scheme,
+                            round_to=cfg.round_to, spectra=spectra, rules=rules,
+                            skipped=skipped)
     fixed = budget.total - sum(int(o.cost[0]) for o in options)
-    choice, used = ALLOCATORS[allocator](options, budget, fixed, **settings)
-    if scheme == "auto" and allocator != "lc":
+    choice, used = ALLOCATORS[cfg.allocator](options, budget, fixed, **cfg.settings)
+    if cfg.scheme == "auto" and cfg.allocator != "lc":
         choice = prefer_best_scheme(choice, options)
     choice = fill_budget(choice, options, fixed, budget)
     whitened = spectra is not None or any(
         sp.whitened for rec in analysis.factorable for sp in rec.spectra.values())
     used.update(metric=budget.metric, target=budget.target, fraction=budget.fraction,
-                scheme=scheme, round_to=round_to, whitened=whitened)
-    plan = to_plan(choice, allocator, used).resolve(analysis)
+                scheme=cfg.scheme, round_to=cfg.round_to, whitened=whitened,
+                config=cfg.to_dict())
+    plan = to_plan(choice, cfg.allocator, used).resolve(analysis)
     errors = {name: c.error for name, c in choice.items() if c.scheme != "dense"}
-    return plan, errors
+    curves: dict[str, dict[str, Any]] = {}
+    bounded = rules.active or cfg.round_to is not None
+    for o in options:
+        c = choice[o.name]
+        if c.scheme == "dense":
+            skipped[o.name] = (
+                "no factored form is cheaper than dense"
+                + (" within its rank bounds / error cap" if bounded else "")
+                if len(o) == 1 else
+                f"kept dense by the {cfg.allocator} allocator (no factored form paid off "
+                "within the budget)")
+            continue
+        idx = o.scheme_indices(c.scheme)
+        curves[o.name] = {"scheme": c.scheme,
+                          "rank": [int(r) for r in o.main_ranks(idx)],
+                          "error": [float(e) for e in o.error[idx]]}
+    for rec in analysis.layers:
+        if not rec.factorable and rec.params and rec.name not in skipped:
+            skipped[rec.name] = f"not factorable: {rec.note}" if rec.note else "not factorable"
+    if cfg.warn_error is not None:
+        useless = []
+        for name, c in choice.items():
+            if c.scheme == "dense":
+                continue
+            top = analysis[name].max_rank(c.scheme)
+            rank1 = (max(c.rank) if isinstance(c.rank, tuple) else c.rank) == 1 and (
+                (max(top) if isinstance(top, tuple) else top) > 1)
+            if c.error >= cfg.warn_error or rank1:
+                useless.append(f"{name!r} ({c.scheme} rank {c.rank}, error {c.error:.3f})")
+        if useless:
+            notes.append(
+                f"{len(useless)} layer(s) compressed to near-uselessness (rank 1, or predicted "
+                f"error >= warn_error={cfg.warn_error}): {', '.join(useless)}; raise the budget, "
+                "bound them with min_rank= / max_error=, or exclude= them")
+    for note in notes:
+        log.warning("%s", note)
+    return _Allocation(plan, errors, curves, skipped, tuple(notes))
 
 
 # --- rewriting ------------------------------------------------------------------------------------
@@ -312,7 +384,8 @@ def as_plan(plan: Any) -> RankPlan:
 
 def _report(before: Analysis, plan: RankPlan, errors: Mapping[str, float] | None, *,
             allocator: str = "", scheme: str = "", whitened: bool = False,
-            seconds: float = 0.0) -> CompressionReport:
+            seconds: float = 0.0, allocation: _Allocation | None = None,
+            config: CompressConfig | None = None) -> CompressionReport:
     rows = []
     for name, lp in plan.factored.items():
         rec = before[name]
@@ -341,6 +414,10 @@ def _report(before: Analysis, plan: RankPlan, errors: Mapping[str, float] | None
         scheme=scheme,
         whitened=whitened,
         seconds=seconds,
+        skipped={} if allocation is None else allocation.skipped,
+        curves={} if allocation is None else allocation.curves,
+        warnings=() if allocation is None else allocation.warnings,
+        config={} if config is None else config.to_dict(),
     )
 
 
@@ -600,19 +677,26 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[Any]) -> int:
 def compress(
     model: nn.Module,
     example_inputs: Any,
+    config: CompressConfig | Mapping[str, Any] | str | Path | None = None,
     *,
     macs: float | int | None = None,
     params: float | int | None = None,
-    allocator: str = "lc",
-    scheme: str = "auto",
+    allocator: str | None = None,
+    scheme: str | None = None,
     calibration: Iterable[Any] | None = None,
     round_to: int | None = None,
-    recalibrate: bool = True,
+    exclude: Sequence[Any] | None = None,
+    min_rank: int | Mapping[str, int] | None = None,
+    max_rank: int | Mapping[str, int] | None = None,
+    max_error: float | Mapping[str, float] | None = None,
+    calibration_batches: int | None = None,
+    calibration_inputs: Any = None,
+    recalibrate: bool | None = None,
     leaf_modules: Sequence[type[nn.Module] | str] = (),
     progress: bool = False,
-    precision: str = "auto",
-    mode: str = "auto",
-    verify: bool = False,
+    precision: str | None = None,
+    mode: str | None = None,
+    verify: bool | None = None,
     **settings: Any,
 ) -> nn.Module:
     """Compress ``model`` to a MACs or parameter budget in one call.
@@ -620,55 +704,67 @@ def compress(
     Traces the model (a copy: the caller's model is never modified), computes spectra (whitened
     by the calibration data when given) with their singular vectors, allocates ranks for the
     budget, rewrites the graph with factors taken from those vectors and, with calibration data,
-    re-estimates BatchNorm statistics.
+    re-estimates BatchNorm statistics. The result is in ``model``'s train/eval mode.
 
     Args:
         model: The model.
-        example_inputs: A tensor or tuple of positional inputs (shapes for MACs).
+        example_inputs: A tensor, a tuple of positional inputs, a dict of keyword inputs or
+            ``(args, kwargs)`` (shapes for MACs).
+        config: A :class:`lrfx.CompressConfig`, its dict, or the path of its JSON; the keyword
+            arguments override its fields (``None``: as configured).
         macs, params: The budget (exactly one): a fraction in (0, 1] or an absolute count.
         allocator: ``lc`` (default), ``energy``, ``global_sigma`` or ``uniform``.
         scheme: ``auto`` (per layer, the scheme with the lowest error for the cost) or one of
             ``channel``, ``spatial``, ``tucker2``; Linear layers always use ``svd``.
-        calibration: A few batches (tensors or tuples of inputs) for data-aware (whitened)
-            factorization and BN recalibration.
+        calibration: Batches for data-aware (whitened) factorization and BN recalibration: a
+            list, a ``DataLoader`` (of inputs, ``(inputs, targets)`` pairs, or dicts...).
         round_to: Round ranks to multiples of this (e.g. 8 for SIMD-friendly shapes).
-        recalibrate: Re-estimate BN statistics on the calibration data (when given).
+        exclude: Layers left dense: names, globs (``"layer4.*"``) or module types.
+        min_rank, max_rank, max_error: Per-layer bounds: a number, or ``{selector: number}``.
+        calibration_batches: Use at most this many calibration batches.
+        calibration_inputs: Which part of a batch feeds the model (default ``"auto"``; see
+            :mod:`lrfx.batches`).
+        recalibrate: Re-estimate BN statistics on the calibration data (default True).
         leaf_modules: Module types or names to keep as leaves while tracing.
-        progress: Show progress bars.
+        progress: Report progress on stderr (a bar on a terminal, periodic lines elsewhere).
         precision: Of the spectra: ``auto`` (float64 for small unfoldings, float32 above 512
             rows and columns), ``float64`` or ``float32``.
+        mode: Capture: ``auto``, ``fx`` or ``module``.
         verify: Check the plan's schemes at full rank against the model (see :func:`apply`).
         settings: Allocator settings, e.g. ``rank_min=5`` for ``global_sigma``.
 
     Returns:
-        The compressed graph module; ``gm.meta["lrfx"]`` holds ``plan``, ``report`` (a
-        :class:`CompressionReport`) and ``rewrites``.
+        The compressed model; ``gm.meta["lrfx"]`` (or :func:`lrfx.facts_of`) holds ``plan`` (the
+        config in ``plan.settings["config"]``), ``report`` (a :class:`CompressionReport`: per
+        layer figures, the layers left dense and why, warnings) and ``rewrites``.
 
     Raises:
         LrfxError: Bad budget (none or both, zero, negative, fraction above 1), unknown
-            allocator or scheme.
+            allocator or scheme, an exclusion naming no layer.
         BudgetInfeasibleError: The budget is below the smallest reachable cost.
-        ShapeError: A calibration batch does not fit the model (names the node).
+        ShapeError: A calibration batch does not fit the model (names the batch and the node).
 
     Example:
         >>> import torch, torchvision, lrfx
         >>> gm = lrfx.compress(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224),
-        ...                    macs=0.5)
+        ...                    macs=0.5, exclude=["fc"])
         >>> gm.meta["lrfx"].report.macs_after <= 0.5 * 1814073344
         True
     """
     t0 = time.perf_counter()
     check_module(model)
-    _check_allocator(allocator)
-    _check_settings(allocator, round_to, settings)
-    resolve_schemes(scheme)
-    check_budget(macs, params)
-    _check_choice("precision", precision, ("auto", "float64", "float32"))
-    _check_choice("mode", mode, ("auto", "fx", "module"))
-    batches = None if calibration is None else list(calibration)
-    gm = capture(model, example_inputs, leaf_modules=leaf_modules, mode=mode)
+    cfg = _config(config, settings, macs=macs, params=params, allocator=allocator,
+                  scheme=scheme, round_to=round_to, exclude=exclude, min_rank=min_rank,
+                  max_rank=max_rank, max_error=max_error, calibration_batches=calibration_batches,
+                  calibration_inputs=calibration_inputs, recalibrate=recalibrate,
+                  precision=precision, mode=mode, verify=verify)
+    check_budget(cfg.macs, cfg.params)
+    with step("calibration data", progress, enabled=calibration is not None):
+        batches = None if calibration is None else _calibration_batches(model, calibration, cfg)
+    with step("capture", progress):
+        gm = capture(model, example_inputs, leaf_modules=leaf_modules, mode=cfg.mode)
     passes: list[GraphPass[Any]] = [propagate_shapes, annotate_costs]
-    options: list[Any] = [SpectraOptions(vectors=True, precision=precision)]
+    options: list[Any] = [SpectraOptions(vectors=True, precision=cfg.precision)]
     if batches is not None:
         passes.append(collect_input_stats)
         options.append(CalibrationOptions(calibration=batches, run=_runner(gm)))
@@ -680,19 +776,36 @@ def compress(
     if not before.factorable:
         log.warning("%s has no layer lrfx can factor; returning an equivalent graph",
                     type(model).__name__)
-    plan, errors = allocate(before, macs=macs, params=params, allocator=allocator,
-                            scheme=scheme, round_to=round_to, **settings)
-    records, result = _rewrite(gm, plan, before, model, example_inputs, leaf_modules, mode,
-                               verify)
-    if batches is not None and recalibrate:
-        recalibrate_bn(result, batches if result is not gm else
-                       [_feed(gm, b) for b in batches])
-    report = _report(before, plan, errors, allocator=allocator, scheme=scheme,
-                     whitened=batches is not None, seconds=time.perf_counter() - t0)
-    facts = update_graph_facts(gm, plan=plan, report=report, rewrites=records)
+    with step("allocation", progress):
+        alloc = _allocate(before, cfg)
+    with step("rewrite", progress):
+        records, result = _rewrite(gm, alloc.plan, before, model, example_inputs, leaf_modules,
+                                   cfg.mode, cfg.verify)
+    if batches is not None and cfg.recalibrate:
+        with step("BatchNorm recalibration", progress):
+            recalibrate_bn(result, batches if result is not gm else
+                           [_feed(gm, b) for b in batches])
+    report = _report(before, alloc.plan, alloc.errors, allocator=cfg.allocator,
+                     scheme=cfg.scheme, whitened=batches is not None,
+                     seconds=time.perf_counter() - t0, allocation=alloc, config=cfg)
+    facts = update_graph_facts(gm, plan=alloc.plan, report=report, rewrites=records)
     if result is not gm:
         attach_facts(result, facts.replace(capture=dataclasses.replace(facts.capture, root=None)))
+    log.info("compressed %s: MACs %.3fx, params %.3fx, %d layers factored in %.1f s",
+             type(model).__name__, report.macs_ratio,
+             report.params_after / max(report.params_before, 1), len(report), report.seconds)
     return result
+
+
+def _calibration_batches(model: nn.Module, calibration: Iterable[Any], cfg: CompressConfig
+                         ) -> list[Any]:
+    """The model inputs of the calibration batches (at most ``calibration_batches``)."""
+    out = [model_inputs(b, model, cfg.calibration_inputs, f"calibration batch {i}")
+           for i, b in enumerate(take_batches(calibration, cfg.calibration_batches))]
+    if not out:
+        raise LrfxError("calibration holds no batch: pass a non-empty list or DataLoader "
+                        "(or calibration=None for data-free compression)")
+    return out
 
 
 def validate_plan(plan: RankPlan | Mapping[str, LayerPlan] | str | Path, model: nn.Module,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lrfx.errors import LrfxError
+from lrfx.progress import step
 
 __all__ = ["main"]
 
@@ -39,7 +40,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
     model, default = load_model(args.model)
     inputs = _inputs_for(args.model, args.input, default)
-    progress = not args.no_progress and sys.stderr.isatty()
+    progress = not args.no_progress
     with torch.no_grad():
         result = analyze(model, inputs, spectra=not args.no_spectra, progress=progress)
     if args.json is not None:
@@ -72,11 +73,12 @@ def _apply(args: argparse.Namespace) -> int:
     from lrfx.contrib.models import load_model
     from lrfx.io import save
 
+    plan = as_plan(args.plan)
+    out = _prepare_output(args.output, args.force)
     model, default = load_model(args.model)
     inputs = _inputs_for(args.model, args.input, default)
-    plan = as_plan(args.plan)
     result = apply(model, plan, inputs)
-    out = save(result, args.output, model_spec=args.model)
+    save(result, out, model_spec=args.model)
     report = _report_of(result)
     _print_report(report, report.macs_before, report.macs_after)
     print(f"wrote {out}/ (plan.json, weights.safetensors, manifest.json, model_code.py)")
@@ -136,57 +138,150 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibration(spec: str, n: int, batch_size: int = 128) -> list[Any]:
-    """Calibration batches from ``fashion-mnist``, ``digits`` or a saved tensor (``PATH``)."""
+#: Files lrfx writes into an output folder (``--force`` removes these and nothing else).
+OWN_FILES = ("plan.json", "weights.safetensors", "manifest.json", "model_code.py", "model.pt2",
+             "model.onnx", "model.onnx.data", "model.ts", "model.py", "report.json",
+             "report.md", "report.html")
+OWN_GLOBS = ("report_*.png", "report-*.png")
+
+
+def _own(path: Path) -> bool:
+    return path.name in OWN_FILES or any(path.match(g) for g in OWN_GLOBS)
+
+
+def _prepare_output(directory: str, force: bool) -> Path:
+    """Refuse a folder holding files unless ``force``; with it, remove lrfx's own files only
+    (a stale plan or weights of another model must never survive next to new ones)."""
+    out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise LrfxError(f"output {directory!r} is a file; give a directory")
+    present = sorted(out.iterdir()) if out.is_dir() else []
+    if not present:
+        return out
+    if not force:
+        names = ", ".join(p.name for p in present[:5]) + (" ..." if len(present) > 5 else "")
+        raise LrfxError(f"output folder {directory!r} is not empty ({names}): choose another "
+                        "folder, or pass --force to replace lrfx's files there (other files are "
+                        "kept)")
+    for p in present:
+        if p.is_file() and _own(p):
+            p.unlink()
+    kept = [p.name for p in present if p.exists()]
+    if kept:
+        print(f"--force: kept files lrfx did not write in {directory}: {', '.join(kept[:5])}",
+              file=sys.stderr)
+    return out
+
+
+_CALIBRATION_HELP = ("fashion-mnist, digits, an image folder, or a .pt/.npz file (a tensor, an "
+                     "(inputs, targets) pair, or keyword input tensors)")
+
+
+def _calibration(spec: str, n: int, example: Any, model_spec: str,
+                 batch_size: int = 128) -> tuple[list[Any], bool]:
+    """Calibration batches from ``--calibration`` and whether they hold targets."""
     import torch
 
-    from lrfx.contrib.data import load_digits_tensors, load_fashion_mnist
+    from lrfx.contrib.data import (
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        load_digits_tensors,
+        load_fashion_mnist,
+        load_image_folder,
+        load_tensor_file,
+        split_batches,
+    )
 
+    y: torch.Tensor | None
     if spec == "fashion-mnist":
-        x, _ = load_fashion_mnist("train")
+        x, y = load_fashion_mnist("train")
     elif spec == "digits":
-        x, _ = load_digits_tensors()
+        x, y = load_digits_tensors()
+    elif Path(spec).is_dir():
+        if not isinstance(example, torch.Tensor) or example.dim() != 4:
+            raise LrfxError("an image folder calibrates models that take one (N, C, H, W) "
+                            "image tensor; this model's example inputs are not one (use a .pt "
+                            "file instead)")
+        c, h, w = example.shape[1:]
+        imagenet = model_spec.startswith("torchvision:") and c == 3
+        x = load_image_folder(spec, (h, w), channels=c, limit=n,
+                              mean=IMAGENET_MEAN if imagenet else None,
+                              std=IMAGENET_STD if imagenet else None)
+        y = None
     elif Path(spec).is_file():
-        try:
-            x = torch.load(spec, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise LrfxError(f"cannot read calibration tensor {spec!r}: {exc}") from exc
-        if not isinstance(x, torch.Tensor):
-            raise LrfxError(f"{spec!r} must hold one tensor of inputs (N, ...), "
-                            f"got {type(x).__name__}")
+        x, y = load_tensor_file(spec)
     else:
-        raise LrfxError(f"unknown calibration data {spec!r}: use fashion-mnist, digits, or the "
-                        "path of a tensor saved with torch.save (N, C, H, W)")
-    x = x[:n]
-    return [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
+        raise LrfxError(f"unknown calibration data {spec!r}: use {_CALIBRATION_HELP}")
+    return split_batches(x, y, n, batch_size), y is not None
+
+
+def _rank_setting(values: Sequence[str] | None, argument: str, kind: type) -> Any:
+    """``--min-rank 8`` (every layer) or ``--min-rank fc=16`` (repeatable) as a config value."""
+    if not values:
+        return None
+    plain = [v for v in values if "=" not in v]
+    per = dict(v.split("=", 1) for v in values if "=" in v)
+    try:
+        if plain and not per and len(plain) == 1:
+            return kind(plain[0])
+        if plain:
+            raise ValueError
+        return {k: kind(v) for k, v in per.items()}
+    except ValueError:
+        raise LrfxError(f"--{argument.replace('_', '-')} takes one number for every layer, or "
+                        f"LAYER=NUMBER (repeatable); got {list(values)}") from None
 
 
 def _compress(args: argparse.Namespace) -> int:
+    import torch
+
     from lrfx.api import compress
+    from lrfx.config import CompressConfig
     from lrfx.contrib.models import load_model
     from lrfx.io import export, save
 
+    def budget(v: float | None) -> float | int | None:
+        return None if v is None else int(v) if v > 1 and float(v).is_integer() else v
+
+    cfg = CompressConfig.of(
+        args.config, macs=budget(args.macs), params=budget(args.params),
+        allocator=args.allocator, scheme=args.scheme, round_to=args.round_to,
+        exclude=tuple(args.exclude) if args.exclude else None,
+        min_rank=_rank_setting(args.min_rank, "min_rank", int),
+        max_rank=_rank_setting(args.max_rank, "max_rank", int),
+        max_error=_rank_setting(args.max_error, "max_error", float))
+    if cfg.macs is None and cfg.params is None:
+        raise LrfxError("give a budget: --macs 0.5 or --params 0.5 (or in --config)")
+    out = _prepare_output(args.output, args.force)
+    progress = not args.no_progress
     model, default = load_model(args.model)
     inputs = _inputs_for(args.model, args.input, default)
-    calibration = (None if args.calibration is None
-                   else _calibration(args.calibration, args.calibration_size))
-    budget: dict[str, float | int] = {}
-    for key in ("macs", "params"):
-        v = getattr(args, key)
-        if v is not None:
-            budget[key] = int(v) if v > 1 and float(v).is_integer() else v
-    gm = compress(model, inputs, macs=budget.get("macs"), params=budget.get("params"),
-                  allocator=args.allocator, scheme=args.scheme, calibration=calibration,
-                  round_to=args.round_to, progress=not args.no_progress and sys.stderr.isatty())
-    out = save(gm, args.output, model_spec=args.model)
+    calibration = None
+    if args.calibration is not None:
+        calibration, _ = _calibration(args.calibration, args.calibration_size, inputs,
+                                      args.model)
+    with torch.no_grad():
+        gm = compress(model, inputs, cfg, calibration=calibration, progress=progress)
     suffix = {"pt2": "pt2", "onnx": "onnx", "torchscript": "ts", "python": "py"}[args.format]
-    export(gm, out / f"model.{suffix}", inputs, format=args.format)
+    save(gm, out, model_spec=args.model)
+    with step(f"export ({args.format})", progress):
+        export(gm, out / f"model.{suffix}", inputs, format=args.format)
     report = _report_of(gm)
-    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    written = _write_report(report, out)
     print(report.table())
-    print(f"wrote {out}/ (plan.json, weights.safetensors, model.{suffix}, report.json, "
-          "manifest.json, model_code.py)")
+    print(f"wrote {out}/ (plan.json, weights.safetensors, model.{suffix}, manifest.json, "
+          f"model_code.py, {', '.join(written)})")
     return 0
+
+
+def _write_report(report: Any, out: Path) -> list[str]:
+    """report.json always; report.md and its figures where the report can render them."""
+    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    names = ["report.json"]
+    write = getattr(report, "write", None)
+    if callable(write):
+        names = sorted({*names, *(Path(p).name for p in write(out))})
+    return names
 
 
 def _print_table(result: Any) -> None:
@@ -199,8 +294,9 @@ def _print_table(result: Any) -> None:
     console = Console()
     table = Table(title=f"{result.model} at input {', '.join(map(str, result.input_shapes))}")
     cols = ["layer", "kind", "shape", "MACs", "params", "%", "max r", "r90", "r95", "r99"]
-    for c in cols:
-        table.add_column(c, justify="left" if c in ("layer", "kind", "shape") else "right")
+    for c in cols:  # names wrap, never truncate
+        table.add_column(c, justify="left" if c in ("layer", "kind", "shape") else "right",
+                         overflow="fold")
     for row in result.rows():
         table.add_row(*(row[c] for c in cols))
     console.print(table)
@@ -227,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
         "analyze",
         help="per-layer MACs, parameters and singular-value spectra of a model",
         description="Trace a model and print, per layer: kind, weight shape, MACs, parameters, "
-        "share of total MACs, and the rank that keeps 90/95/99%% of the singular-value energy.",
+        "share of total MACs, and the rank that keeps 90/95/99% of the singular-value energy.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_ANALYZE_EPILOG,
     )
@@ -264,21 +360,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MACs budget: a fraction in (0, 1] or an absolute count")
     p.add_argument("--params", type=float, metavar="B",
                    help="parameter budget: a fraction in (0, 1] or an absolute count")
-    p.add_argument("--allocator", default="lc",
-                   choices=["lc", "energy", "global_sigma", "uniform"])
-    p.add_argument("--scheme", default="auto",
-                   choices=["auto", "channel", "spatial", "tucker2"])
+    p.add_argument("--config", metavar="FILE",
+                   help="a JSON lrfx.CompressConfig (budget, allocator, exclusions, rank "
+                   "bounds...); the flags below override its fields")
+    p.add_argument("--allocator", choices=["lc", "energy", "global_sigma", "uniform"],
+                   help="rank allocator (default lc)")
+    p.add_argument("--scheme", choices=["auto", "channel", "spatial", "tucker2", "cp"],
+                   help="decomposition of the convs (default auto: the best per layer); cp is "
+                   "plan-only (write it in a plan for lrfx apply); Linear layers use svd")
+    p.add_argument("--exclude", action="append", metavar="LAYER",
+                   help="leave a layer dense: a name (covers the layers under it), a glob such "
+                   "as 'layer4.*', or type:Linear; repeatable")
+    p.add_argument("--min-rank", action="append", metavar="R|LAYER=R",
+                   help="smallest rank, for every layer or one (repeatable)")
+    p.add_argument("--max-rank", action="append", metavar="R|LAYER=R",
+                   help="largest rank, for every layer or one (repeatable)")
+    p.add_argument("--max-error", action="append", metavar="E|LAYER=E",
+                   help="largest predicted relative error a layer may get (0..1)")
     p.add_argument("--calibration", metavar="DATA",
-                   help="fashion-mnist, digits, or PATH of a saved (N, ...) input tensor: "
-                   "whitened (data-aware) factors and BN recalibration")
+                   help=f"{_CALIBRATION_HELP}: whitened (data-aware) factors and BN "
+                   "recalibration")
     p.add_argument("--calibration-size", type=int, default=1024, metavar="N",
                    help="how many calibration samples (default 1024)")
     p.add_argument("--round-to", type=int, metavar="K", help="round ranks to multiples of K")
     p.add_argument("--format", choices=["pt2", "onnx", "torchscript", "python"], default="pt2",
                    help="format of the exported graph (default pt2)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty output folder, replacing lrfx's own files")
     p.add_argument("--input", action="append", metavar="SHAPE", help="as for lrfx analyze")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress output (default: bars on a terminal, lines elsewhere)")
     p.set_defaults(run=_compress)
 
     p = sub.add_parser(
@@ -293,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help="as for lrfx analyze")
     p.add_argument("plan", metavar="PLAN.json", help="a plan written by RankPlan.to_json()")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty output folder, replacing lrfx's own files")
     p.add_argument("--input", action="append", metavar="SHAPE", help="as for lrfx analyze")
     p.set_defaults(run=_apply)
 

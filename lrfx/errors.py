@@ -47,13 +47,17 @@ class TraceError(LrfxError):
 class ShapeError(LrfxError):
     """Running the example inputs through the traced graph failed at a node."""
 
-    def __init__(self, node: str, target: str, reason: str) -> None:
+    def __init__(self, node: str, target: str, reason: str,
+                 inputs: str = "example_inputs") -> None:
         self.node = node
         self.target = target
         self.reason = reason
+        self.inputs = inputs
+        what = "shape propagation" if inputs == "example_inputs" else inputs
         super().__init__(
-            f"shape propagation failed at node {node!r} ({target}): {reason}. "
-            "Check that example_inputs have the shape and dtype the model expects."
+            f"{what} failed at node {node!r} ({target}): {reason}. "
+            f"Check that {inputs} {'have' if inputs == 'example_inputs' else 'has'} the shape "
+            "and dtype the model expects."
         )
 
 

@@ -40,6 +40,7 @@ from lrfx.facts import (
     set_graph_facts,
     set_node_facts,
 )
+from lrfx.progress import step
 
 __all__ = [
     "FACT_DEPENDENCIES",
@@ -359,7 +360,8 @@ class Pipeline:
         results: dict[str, Any] = {}
         for i, p in enumerate(self.passes):
             try:
-                results[p.name] = p(gm, ctx)
+                with step(p.name.replace("_", " "), ctx.progress):
+                    results[p.name] = p(gm, ctx)
             except LrfxError as exc:
                 # already names the layer or argument at fault; keep its type, say where it arose
                 before = ", ".join(q.name for q in self.passes[:i]) or "none"

@@ -51,6 +51,13 @@ class CompressionReport:
             ``module`` (layers substituted into a copy that keeps the model's class).
         mode_reason: Why module mode was used.
         leaves: Submodules analyzed with hooks instead of traced, ``{name: reason}``.
+        skipped: Layers left dense, ``{name: reason}`` (excluded by the config, no factored
+            form cheaper than dense, kept dense by the allocator, not factorable...).
+        curves: Per factored layer, the predicted error of its scheme at every candidate rank:
+            ``{"scheme", "rank": [...], "error": [...]}`` (the rank is the last of a tucker2
+            pair); the energy kept is ``1 - error``. Empty without spectra (``lrfx.load``).
+        warnings: What the caller should look at (layers compressed to near-uselessness...).
+        config: The settings of the call (a :class:`lrfx.CompressConfig` as a dict).
     """
 
     layers: tuple[Mapping[str, Any], ...]
@@ -66,6 +73,10 @@ class CompressionReport:
     mode: str = "fx"
     mode_reason: str = ""
     leaves: Mapping[str, str] = field(default_factory=dict)
+    skipped: Mapping[str, str] = field(default_factory=dict)
+    curves: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+    config: Mapping[str, Any] = field(default_factory=dict)
 
     def __iter__(self) -> Iterator[Mapping[str, Any]]:
         return iter(self.layers)
@@ -94,7 +105,11 @@ class CompressionReport:
             "mode": self.mode,
             "mode_reason": self.mode_reason,
             "leaves": dict(self.leaves),
+            "skipped": dict(self.skipped),
+            "warnings": list(self.warnings),
+            "config": dict(self.config),
             "layers": [dict(x) for x in self.layers],
+            "curves": {k: dict(v) for k, v in self.curves.items()},
         }
 
     def table(self) -> str:

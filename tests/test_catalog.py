@@ -549,10 +549,22 @@ def compress_with_an_unknown_precision(ctx: Ctx) -> None:
     _compress(ctx, macs=0.5, precision="f16")
 
 
-@case("calibration batch 0.*labels")
+@case("ok")  # a DataLoader's (inputs, labels) pairs: the inputs are recognized
 def calibration_as_input_label_pairs(ctx: Ctx) -> None:
     x = torch.randn(4, 16)
     _compress(ctx, macs=0.6, calibration=[(x, torch.zeros(4, dtype=torch.long))])
+
+
+@case("calibration batch 0.*inputs=3")
+def calibration_inputs_selector_out_of_range(ctx: Ctx) -> None:
+    x = torch.randn(4, 16)
+    _compress(ctx, macs=0.6, calibration=[(x, torch.zeros(4, dtype=torch.long))],
+              calibration_inputs=3)
+
+
+@case("exclude.*'fc9'.*not a factorable layer")
+def exclude_names_no_layer(ctx: Ctx) -> None:
+    _compress(ctx, macs=0.6, exclude=["fc9"])
 
 
 @case("calibration")
@@ -560,7 +572,7 @@ def calibration_that_is_empty(ctx: Ctx) -> None:
     _compress(ctx, macs=0.6, calibration=[])
 
 
-@case("'0'|shape")
+@case("calibration batch 0.*shape")
 def calibration_with_the_wrong_width(ctx: Ctx) -> None:
     _compress(ctx, macs=0.6, calibration=[torch.randn(4, 12)])
 

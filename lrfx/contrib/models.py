@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,6 +68,22 @@ def torchvision_input_size(name: str) -> int:
     return int(crop[0] if isinstance(crop, (tuple, list)) else crop)
 
 
+def _import(mod_name: str) -> Any:
+    """Import a factory's module; the current directory is searched too (as ``python -m``
+    does), so ``lrfx compress mynets:build`` finds ``./mynets.py``."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+    try:
+        return importlib.import_module(mod_name)
+    except ImportError as exc:
+        missing = getattr(exc, "name", None)
+        where = (f"; it is looked up on sys.path and in the current directory {cwd!r} (set "
+                 "PYTHONPATH to the directory holding it, or pip install its package)"
+                 if missing and mod_name.startswith(missing) else "")
+        raise LrfxError(f"cannot import {mod_name!r} ({exc}){where}; {SPEC_HELP}") from exc
+
+
 def load_model(spec: str) -> tuple[nn.Module, Any]:
     """Build the model a spec names; returns it with its default example inputs (or ``None``
     when the spec does not say: a saved module, a factory that returns only the model).
@@ -99,10 +116,7 @@ def load_model(spec: str) -> tuple[nn.Module, Any]:
         return obj, None
     if ":" in spec:
         mod_name, _, attr = spec.partition(":")
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError as exc:
-            raise LrfxError(f"cannot import {mod_name!r} ({exc}); {SPEC_HELP}") from exc
+        mod = _import(mod_name)
         found: Any = getattr(mod, attr, None)
         if found is None:
             raise LrfxError(f"module {mod_name!r} has no attribute {attr!r}; {SPEC_HELP}")

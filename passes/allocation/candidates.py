@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from lrfx.config import LayerRules
 from lrfx.cost import Geometry, LinearGeometry
 from lrfx.decompositions import Spectrum
 from lrfx.errors import BudgetInfeasibleError, LrfxError
@@ -277,6 +278,8 @@ def build_options(
     schemes: str | Sequence[str] = "auto",
     round_to: int | None = None,
     spectra: Mapping[str, Mapping[str, Spectrum]] | None = None,
+    rules: LayerRules | None = None,
+    skipped: dict[str, str] | None = None,
 ) -> list[LayerOptions]:
     """Candidates of every factorable layer of an :class:`~lrfx.Analysis`.
 
@@ -288,6 +291,10 @@ def build_options(
             schemes applies to stays dense.
         round_to: Keep only ranks that are multiples of this.
         spectra: Per layer, spectra to use instead of the records' own (whitened ones).
+        rules: Exclusions, rank bounds and error caps (:meth:`lrfx.CompressConfig.rules`): an
+            excluded layer gets no options (it stays dense, its cost fixed); the others keep only
+            the ranks within their bounds and cap.
+        skipped: Filled with ``{layer: why}`` for the layers excluded.
     """
     if metric not in ("macs", "params"):
         raise LrfxError(f"metric must be 'macs' or 'params', got {metric!r}")
@@ -297,6 +304,15 @@ def build_options(
         if not getattr(rec, "factorable", False) or not getattr(rec, "calls", ()):
             continue
         name: str = rec.name  # type: ignore[attr-defined]
+        types: tuple[str, ...] = getattr(rec, "types", ())
+        lo = hi = max_error = None
+        if rules is not None and rules.active:
+            by = rules.excluded_by(name, types)
+            if by is not None:
+                if skipped is not None:
+                    skipped[name] = f"excluded by the config ({by!r})"
+                continue
+            lo, hi, max_error = rules.bounds(name, types)
         calls: tuple[Geometry, ...] = rec.calls  # type: ignore[attr-defined]
         sp = dict((spectra or {}).get(name) or rec.spectra)  # type: ignore[attr-defined]
         if not sp:
@@ -321,8 +337,22 @@ def build_options(
             n = int(above[0]) if len(above) else len(cost)  # stop at break-even
             if n == 0:
                 continue
-            ranks = ranks[:n]
-            blocks.append((s, ranks, cost[:n], scheme.errors(sp, ranks), macs[:n], params[:n]))
+            ranks, cost, macs, params = ranks[:n], cost[:n], macs[:n], params[:n]
+            errors = scheme.errors(sp, ranks)
+            if lo is not None or hi is not None or max_error is not None:
+                keep = np.ones(n, dtype=bool)
+                if lo is not None:
+                    floor = np.minimum(lo, np.asarray(scheme.max_rank(g0), dtype=np.int64))
+                    keep &= (ranks >= floor).all(axis=1)
+                if hi is not None:
+                    keep &= (ranks <= hi).all(axis=1)
+                if max_error is not None:
+                    keep &= errors <= max_error
+                if not keep.any():
+                    continue
+                ranks, cost, errors, macs, params = (a[keep] for a in (ranks, cost, errors,
+                                                                      macs, params))
+            blocks.append((s, ranks, cost, errors, macs, params))
         out.append(LayerOptions.from_arrays(name, sp, dense, blocks))
     return out
 

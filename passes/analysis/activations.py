@@ -19,7 +19,7 @@ data-aware spectra directly: per layer, the singular values of ``W S`` where
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,7 @@ from lrfx.inputs import Inputs
 from lrfx.layers import is_linear, linear_like
 from lrfx.passes.analysis.spectra import layer_unfoldings
 from lrfx.pipeline import PassContext, graph_pass
+from lrfx.progress import progress_bar
 from lrfx.tracing import eval_mode
 
 __all__ = ["DAMPING", "CalibrationOptions", "InputStats", "collect_input_stats", "run_checked",
@@ -230,16 +231,20 @@ def collect_input_stats(gm: fx.GraphModule, ctx: PassContext) -> Mapping[str, In
     spec = get_graph_facts(gm).input_spec
     run = options.run
     try:
-        with eval_mode(gm), torch.no_grad():
+        total = len(batches) if isinstance(batches, Sized) else 0
+        with eval_mode(gm), torch.no_grad(), progress_bar(
+                "calibration statistics", total, enabled=ctx.progress) as advance:
             for k, batch in enumerate(batches):
+                advance()
                 try:
                     if run is not None:
                         run(batch)
                     else:
                         inputs = Inputs.of(batch, f"calibration batch {k}")
                         run_checked(gm, *spec.feed(inputs))
-                except ShapeError:
-                    raise  # names the node already
+                except ShapeError as exc:  # names the node; say which batch
+                    raise ShapeError(exc.node, exc.target, exc.reason,
+                                     inputs=f"calibration batch {k}") from exc
                 except LrfxError as exc:
                     raise LrfxError(f"calibration batch {k}: {exc}{_pair_hint(batch)}") from exc
                 n_batches += 1
