@@ -837,3 +837,21 @@ def test_a_rewritten_model_can_be_rewritten_again() -> None:
     again = lrfx.apply(gm, {"fc.1": lrfx.LayerPlan("svd", 4)}, x)
     assert isinstance(again.get_submodule("fc.1"), Factored)
     assert extra(again)["macs_after"] == extra(again)["plan"].macs
+
+
+@pytest.mark.parametrize("scheme", ["channel", "spatial", "tucker2"])
+def test_channels_last_models_keep_channels_last_factors(scheme: str) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3)).eval()
+    net = net.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 12, 12).to(memory_format=torch.channels_last)
+    gm = lrfx.compress(net, x, macs=0.6, scheme=scheme)
+    factors = [p for n, p in gm.named_parameters() if p.dim() == 4 and "." in n]
+    assert factors
+    for p in factors:
+        if p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1:  # otherwise both formats coincide
+            assert p.is_contiguous(memory_format=torch.channels_last), p.shape
+    assert gm(x).is_contiguous(memory_format=torch.channels_last)
+    plain = lrfx.compress(net.to(memory_format=torch.contiguous_format), x.contiguous(),
+                          macs=0.6, scheme=scheme)
+    torch.testing.assert_close(gm(x), plain(x.contiguous()), rtol=1e-4, atol=1e-5)

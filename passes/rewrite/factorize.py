@@ -151,6 +151,9 @@ class _Builder:
         f = build_factored(scheme.layout(g, lp.rank), scheme=lp.scheme, rank=lp.rank,
                            weights=weights, bias=bias, dtype=weight.dtype, device=weight.device,
                            requires_grad=weight.requires_grad, like=g)
+        if weight.dim() == 4 and not weight.is_contiguous() and weight.is_contiguous(
+                memory_format=torch.channels_last):  # keep the model's memory format
+            f.to(memory_format=torch.channels_last)
         self._built[key] = f
         self._by_weight[wkey] = f
         if bias is not None:
