@@ -632,8 +632,13 @@ def _verify_full_rank(model: nn.Module, plan: RankPlan, example_inputs: Any,
                     "single layer does; this is a bug in lrfx: please report it with the model")
 
 
-def recalibrate_bn(model: nn.Module, batches: Iterable[Any]) -> int:
+def recalibrate_bn(model: nn.Module, batches: Iterable[Any], *, inputs: Any = "auto",
+                   max_batches: int | None = None) -> int:
     """Re-estimate every BatchNorm's running statistics from ``batches`` (in place).
+
+    ``batches`` may be a ``DataLoader`` of ``(inputs, targets)`` pairs; ``inputs`` selects the
+    model's part of a batch as for calibration (see :mod:`lrfx.batches`), ``max_batches`` bounds
+    how many are read.
 
     The statistics are reset and recomputed as an exact average over the batches (momentum
     ``None``); other layers stay in eval mode (no dropout), nothing else changes, and every
@@ -661,8 +666,9 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[Any]) -> int:
             bn.train()
         n = 0
         with torch.no_grad():
-            for batch in batches:
-                call_inputs(model, Inputs.of(batch, f"batch {n}")).call(model)
+            for batch in take_batches(batches, max_batches, "recalibrate_bn"):
+                x = model_inputs(batch, model, inputs, f"batch {n}")
+                call_inputs(model, Inputs.of(x, f"batch {n}")).call(model)
                 n += 1
         if n == 0:
             raise LrfxError("recalibrate_bn needs at least one batch")
@@ -928,7 +934,8 @@ def load(
     Returns:
         What was saved, rebuilt: a graph module, or (for a model compressed in module mode) a
         copy of ``model`` with the factored layers in place; its outputs equal those of the
-        saved one. In ``model``'s training mode.
+        saved one. In the train/eval mode the saved model was in (recorded in the manifest;
+        eval mode for directories saved before lrfx 0.2), whatever ``model``'s mode is.
     """
     t0 = time.perf_counter()
     check_module(model)
@@ -956,7 +963,7 @@ def load(
     _assign_weights(result, d / WEIGHTS_FILE, model, str(d),
                     verified=bool((manifest.get("sha256") or {}).get(WEIGHTS_FILE)),
                     layers=tuple(resolved.layers))
-    result.train(model.training)
+    result.train(bool(manifest.get("training", False)))  # the mode it was saved in
     _check_shapes(result, gm, records, before, example_inputs)
     report = _report(before, resolved, None, seconds=time.perf_counter() - t0)
     facts = update_graph_facts(gm, plan=resolved, report=report, rewrites=records)

@@ -154,7 +154,8 @@ def take_batches(data: Iterable[Any], limit: int | None, argument: str = "calibr
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
                               or limit < 1):
-        raise LrfxError(f"{argument}_batches must be a positive integer or None, got {limit!r}")
+        raise LrfxError(f"{argument}: the batch limit must be a positive integer or None, got "
+                        f"{limit!r}")
     if isinstance(data, (torch.Tensor, Mapping)):
         data = [data]
     try:
