@@ -133,7 +133,7 @@ def _export(args: argparse.Namespace) -> int:
     gm = load(args.directory, model, inputs)
     suffix = {"pt2": "pt2", "onnx": "onnx", "torchscript": "ts", "python": "py"}[args.format]
     target = Path(args.output) if args.output else Path(args.directory) / f"model.{suffix}"
-    export(gm, target, inputs, format=args.format)
+    export(gm, target, inputs, format=args.format, dynamic=_dynamic(args.dynamic))
     print(f"wrote {target}")
     return 0
 
@@ -175,6 +175,18 @@ def _prepare_output(directory: str, force: bool) -> Path:
 
 _CALIBRATION_HELP = ("fashion-mnist, digits, an image folder, or a .pt/.npz file (a tensor, an "
                      "(inputs, targets) pair, or keyword input tensors)")
+
+
+def _dynamic(spec: str | None) -> Any:
+    """``--dynamic batch`` / ``--dynamic batch,sequence`` as ``lrfx.export``'s ``dynamic``."""
+    if not spec:
+        return None
+    return tuple(v.strip() for v in spec.split(",") if v.strip())
+
+
+_DYNAMIC_HELP = ("dynamic input dims of the pt2/onnx export: batch (dim 0 of every input) or "
+                 "batch,sequence (also dim 1 of integer inputs: token ids, masks); default "
+                 "static")
 
 
 def _calibration(spec: str, n: int, example: Any, model_spec: str,
@@ -265,7 +277,8 @@ def _compress(args: argparse.Namespace) -> int:
     suffix = {"pt2": "pt2", "onnx": "onnx", "torchscript": "ts", "python": "py"}[args.format]
     save(gm, out, model_spec=args.model)
     with step(f"export ({args.format})", progress):
-        export(gm, out / f"model.{suffix}", inputs, format=args.format)
+        export(gm, out / f"model.{suffix}", inputs, format=args.format,
+               dynamic=_dynamic(args.dynamic))
     report = _report_of(gm)
     written = _write_report(report, out)
     print(report.table())
@@ -385,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round-to", type=int, metavar="K", help="round ranks to multiples of K")
     p.add_argument("--format", choices=["pt2", "onnx", "torchscript", "python"], default="pt2",
                    help="format of the exported graph (default pt2)")
+    p.add_argument("--dynamic", metavar="DIMS", help=_DYNAMIC_HELP)
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty output folder, replacing lrfx's own files")
@@ -421,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("directory", metavar="DIR", help="a directory written by lrfx apply")
     p.add_argument("--format", choices=["pt2", "onnx", "torchscript", "python"], default="pt2")
+    p.add_argument("--dynamic", metavar="DIMS", help=_DYNAMIC_HELP)
     p.add_argument("-o", "--output", metavar="FILE", help="output file (default: DIR/model.*)")
     p.add_argument("--model", metavar="SPEC", help="the original model, if DIR does not say")
     p.add_argument("--input", action="append", metavar="SHAPE", help="override input shapes")

@@ -15,10 +15,12 @@ class (module mode, see :mod:`lrfx.tracing`). Their facts are read with :func:`l
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import re
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +104,7 @@ def save(model: nn.Module, path: str | Path, *, model_spec: str | None = None) -
         "model": model_spec,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "mode": facts.capture.mode,
+        "training": model.training,  # lrfx.load returns it in this mode
         "input_shapes": [list(s) for s in facts.input_shapes],
         "inputs": _inputs_record(facts),
         "macs_before": None if report is None else report.macs_before,
@@ -179,9 +182,10 @@ def verify_saved(path: str | Path) -> dict[str, Any]:
 
 
 def export(
-    model: nn.Module, path: str | Path, example_inputs: Any, *, format: str = "pt2"
+    model: nn.Module, path: str | Path, example_inputs: Any, *, format: str = "pt2",
+    dynamic: Any = None,
 ) -> Path:
-    """Export a (rewritten) model.
+    """Export a (rewritten) model, with static or dynamic input dimensions.
 
     Args:
         model: A graph module, or a model compressed in module mode (it keeps its own class).
@@ -193,6 +197,24 @@ def export(
             otherwise; weights over 1.8 GB go to ``<path>.data`` beside it), ``torchscript``
             (reload with ``torch.jit.load``) or ``python`` (the
             graph's code; graph modules only).
+        dynamic: Which input dimensions may vary in the artifact (pt2 and onnx):
+
+            * ``None`` / ``False``: none (the example's shapes are fixed);
+            * ``True`` or ``"batch"``: dim 0 of every tensor input;
+            * a sequence of names, ``("batch", "sequence")``: dim 0 of every tensor input is
+              ``batch``, and dim 1 of every integer input of rank 2 or more (token ids,
+              attention masks, position and token-type ids) is ``sequence``;
+            * a mapping ``{input name: {dim: dim name}}`` for anything else (input names as
+              ``lrfx.export`` names them for ONNX: the keyword, or ``input_0``...).
+
+            Dims with one name are equal (``input_ids`` and ``attention_mask`` share
+            ``batch`` and ``sequence``). An example of size 1 in a dynamic dim is widened to 2
+            for the export (torch specializes size-1 dims). torchscript and python exports are
+            traced and take no ``dynamic``.
+
+    Raises:
+        LrfxError: Unknown format; a ``dynamic`` that names no input or an absent dim; a
+            dimension the model's code fixes (named, with what to do).
 
     Example:
         >>> import torch, torchvision, lrfx, tempfile, os
@@ -221,13 +243,19 @@ def export(
         bound = {k: v for k, v in call_inputs(model, inputs).kwargs.items()
                  if k not in inputs.kwargs}
         names = [f"input_{i}" for i in range(len(inputs.args))] + list(inputs.kwargs)
+    dims = _dynamic_dims(dynamic, inputs, names)
+    if dims and format in ("torchscript", "python"):
+        raise LrfxError(f"dynamic= applies to pt2 and onnx exports; format={format!r} is traced "
+                        "at the example's shapes (export as pt2 or onnx for dynamic dims)")
+    if dims:
+        inputs = _widen(inputs, names, dims)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
     target: nn.Module = model
     if not isinstance(model, fx.GraphModule) and bound:
-        target = _Bound(model, bound).eval()  # the artifact takes exactly the caller's inputs
+        target = _Bound(model, bound, inputs).eval()  # takes exactly the caller's inputs
     try:
         if format == "python":
             if not isinstance(model, fx.GraphModule):
@@ -238,13 +266,19 @@ def export(
             out.write_text(model.code)
         elif format == "pt2":
             try:
-                ep = torch.export.export(target, inputs.args, dict(inputs.kwargs))
+                ep = torch.export.export(target, inputs.args, dict(inputs.kwargs),
+                                         dynamic_shapes=_dynamic_shapes(target, inputs, names,
+                                                                        dims))
             except Exception as exc:
+                if dims:
+                    raise _dynamic_error(model, dims, exc) from exc
                 raise LrfxError(
                     f"torch.export cannot export {type(model).__name__} ({_first_line(exc)}); "
                     f"this comes from the model's own code{_suspects(model)}: the dense model "
                     "fails the same way. Rewrite that part with torch.cond, or export as "
                     "torchscript (which records the path the example inputs take)") from exc
+            if dims:
+                _check_dynamic(model, ep, inputs, names, dims)
             torch.export.save(ep, str(out))
         elif format == "torchscript":
             # TorchScript is deprecated upstream but still what many runtimes load; offer it
@@ -259,7 +293,7 @@ def export(
                     scripted = torch.jit.trace(target, inputs.args, strict=False)
                 torch.jit.save(scripted, str(out))
         else:
-            _export_onnx(target, inputs, names, out)
+            _export_onnx(target, inputs, names, out, dims)
     finally:
         model.train(was_training)
     return out
@@ -269,16 +303,176 @@ class _Bound(nn.Module):
     """``model`` with keyword arguments bound (``use_cache=False``: a cache is no output an
     exported model can return), so that the exported artifact takes the caller's inputs."""
 
-    def __init__(self, model: nn.Module, bound: dict[str, Any]) -> None:
+    def __init__(self, model: nn.Module, bound: dict[str, Any], inputs: Inputs | None = None
+                 ) -> None:
         super().__init__()
         self.model = model
         self.bound = bound
+        if inputs is not None:  # name the inputs: torch.export keys dynamic shapes by them
+            params = [inspect.Parameter(f"input_{i}", inspect.Parameter.POSITIONAL_ONLY)
+                      for i in range(len(inputs.args))]
+            params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY)
+                       for k in inputs.kwargs]
+
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                return self.model(*args, **kwargs, **self.bound)
+
+            forward.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+            self.forward = forward  # type: ignore[method-assign]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs, **self.bound)
 
 
-def _export_onnx(model: nn.Module, inputs: Inputs, names: list[str], out: Path) -> None:
+def _dynamic_dims(dynamic: Any, inputs: Inputs, names: list[str]
+                  ) -> dict[str, dict[int, str]]:
+    """``{input name: {dim: dim name}}`` from ``export``'s ``dynamic`` (checked)."""
+    if dynamic is None or dynamic is False:
+        return {}
+    tensors = dict(zip(names, [*inputs.args, *inputs.kwargs.values()], strict=False))
+    tensors = {n: t for n, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if dynamic is True or dynamic == "batch":
+        dynamic = ("batch",)
+    if isinstance(dynamic, str):
+        raise LrfxError(f"dynamic={dynamic!r}: use True or 'batch', a sequence of dim names "
+                        "such as ('batch', 'sequence'), or {input name: {dim: name}}")
+    if isinstance(dynamic, Mapping):
+        out: dict[str, dict[int, str]] = {}
+        for name, given in dynamic.items():
+            if name not in tensors:
+                raise LrfxError(f"dynamic: no tensor input named {name!r}; the inputs are "
+                                f"{sorted(tensors)}")
+            if not isinstance(given, Mapping) or not all(
+                    isinstance(d, int) and not isinstance(d, bool) and isinstance(v, str)
+                    for d, v in given.items()):
+                raise LrfxError(f"dynamic[{name!r}] must map dims to names, e.g. {{0: 'batch'}}, "
+                                f"got {given!r}")
+            rank = tensors[name].dim()
+            for d in given:
+                if not -rank <= d < rank:
+                    raise LrfxError(f"dynamic[{name!r}]: dim {d} does not exist (the example "
+                                    f"has shape {tuple(tensors[name].shape)})")
+            out[name] = {d % rank: v for d, v in given.items()}
+        return out
+    if not isinstance(dynamic, Sequence) or not dynamic or not all(
+            isinstance(v, str) for v in dynamic):
+        raise LrfxError(f"dynamic must be None, True, 'batch', a sequence of dim names or a "
+                        f"mapping; got {dynamic!r}")
+    unknown = [v for v in dynamic if v not in ("batch", "sequence")]
+    if unknown:
+        raise LrfxError(f"dynamic: {unknown[0]!r} is not 'batch' or 'sequence'; name other dims "
+                        "with a mapping {input name: {dim: name}}")
+    out = {}
+    for name, t in tensors.items():
+        spec: dict[int, str] = {}
+        if "batch" in dynamic and t.dim() >= 1:
+            spec[0] = "batch"
+        if ("sequence" in dynamic and t.dim() >= 2 and not t.is_floating_point()
+                and not t.is_complex()):
+            spec[1] = "sequence"
+        if spec:
+            out[name] = spec
+    return out
+
+
+def _widen(inputs: Inputs, names: list[str], dims: Mapping[str, Mapping[int, str]]) -> Inputs:
+    """Example inputs with every dynamic dim of size 0 or 1 repeated to size 2."""
+    def widen(name: str, x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        for d in dims.get(name, {}):
+            if x.shape[d] < 2:
+                x = x.narrow(d, 0, 1).expand(*(2 if i == d else -1 for i in range(x.dim())))
+                x = x.contiguous()
+        return x
+
+    n_args = len(inputs.args)
+    args = tuple(widen(n, a) for n, a in zip(names[:n_args], inputs.args, strict=False))
+    kwargs = {k: widen(k, v) for k, v in inputs.kwargs.items()}
+    return Inputs(args, kwargs)
+
+
+def _dynamic_shapes(target: nn.Module, inputs: Inputs, names: list[str],
+                    dims: Mapping[str, Mapping[int, str]]) -> Any:
+    """``torch.export``'s ``dynamic_shapes`` for ``dims``, in the structure of the inputs."""
+    if not dims:
+        return None
+    from torch.export import Dim
+
+    def shape(name: str, x: Any) -> Any:
+        # Dim.AUTO: torch infers ranges (a position table's length) and equalities (ids and
+        # mask share their dims); _check_dynamic then makes sure nothing was specialized
+        if not isinstance(x, torch.Tensor) or name not in dims:
+            return None
+        return dict.fromkeys(dims[name], Dim.AUTO)
+
+    n_args = len(inputs.args)
+    args = tuple(shape(n, a) for n, a in zip(names[:n_args], inputs.args, strict=False))
+    kwargs = {k: shape(k, v) for k, v in inputs.kwargs.items()}
+    if not kwargs:
+        return args
+    # a dict keyed by the parameters the inputs bind to (``*args`` / ``**kwargs`` included)
+    sig = inspect.signature(target.forward)
+    bound = sig.bind(*args, **kwargs).arguments
+    return dict(bound)
+
+
+def _check_dynamic(model: nn.Module, ep: Any, inputs: Inputs, names: list[str],
+                   dims: Mapping[str, Mapping[int, str]]) -> None:
+    """Refuse an exported program in which a dim asked to be dynamic was specialized."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    tensors = [n for n, x in zip(names, [*inputs.args, *inputs.kwargs.values()], strict=False)
+               if isinstance(x, torch.Tensor)]
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
+    user = [p for p in placeholders if p.name in set(ep.graph_signature.user_inputs)]
+    fixed = []
+    for name, node in zip(tensors, user, strict=False):
+        val = node.meta.get("val")
+        for d, label in dims.get(name, {}).items():
+            if val is not None and is_concrete_int(val.shape[d]):  # specialized
+                fixed.append(f"{name}[{d}] ({label}) = {int(val.shape[d])}")
+    if fixed:
+        raise LrfxError(f"cannot export {type(model).__name__} with dynamic {', '.join(fixed)}: "
+                        "the model's code fixes that size (a reshape to a constant, a "
+                        "size-specific branch). Export with fewer dynamic dims (e.g. "
+                        "dynamic='batch'), or static (dynamic=None)")
+
+
+def _check_onnx_dynamic(model: nn.Module, out: Path, dims: Mapping[str, Mapping[int, str]]
+                        ) -> None:
+    """Refuse an ONNX file whose inputs fix a dim asked to be dynamic."""
+    import onnx
+
+    graph = onnx.load(str(out), load_external_data=False).graph
+    fixed = []
+    for inp in graph.input:
+        shape = inp.type.tensor_type.shape.dim
+        for d, label in dims.get(inp.name, {}).items():
+            if d < len(shape) and not shape[d].dim_param:
+                fixed.append(f"{inp.name}[{d}] ({label}) = {shape[d].dim_value}")
+    if fixed:
+        out.unlink(missing_ok=True)
+        raise LrfxError(f"cannot export {type(model).__name__} to ONNX with dynamic "
+                        f"{', '.join(fixed)}: the model's code fixes that size. Export with fewer "
+                        "dynamic dims (e.g. dynamic='batch'), or static (dynamic=None)")
+
+
+def _dynamic_error(model: nn.Module, dims: Mapping[str, Mapping[int, str]],
+                   exc: BaseException) -> LrfxError:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    wanted = ", ".join(f"{n}[{d}]={v}" for n, spec in dims.items() for d, v in spec.items())
+    fixed = re.findall(r"[Nn]ot all values of (\w+)[^\n]*", text)
+    which = (f" (torch: not all values of {', '.join(sorted(set(fixed)))} are valid)"
+             if fixed else "")
+    return LrfxError(
+        f"cannot export {type(model).__name__} with dynamic dims {wanted}{which}: the model's "
+        f"code fixes some of them ({_first_line(exc)}). Export with fewer dynamic dims (e.g. "
+        "dynamic='batch'), or static (dynamic=None)")
+
+
+def _export_onnx(model: nn.Module, inputs: Inputs, names: list[str], out: Path,
+                 dims: Mapping[str, Mapping[int, str]] | None = None) -> None:
     """ONNX through ``torch.export`` (the dynamo exporter); where that fails in torch's own
     decomposition (T5's attention in torch 2.14, for one), through the TorchScript-based
     exporter, with a warning."""
@@ -294,12 +488,25 @@ def _export_onnx(model: nn.Module, inputs: Inputs, names: list[str], out: Path) 
     folding = logging.getLogger("onnxscript.optimizer._constant_folding")
     level = folding.level
     folding.setLevel(logging.ERROR)  # "Evaluation failed" notes of a best-effort optimizer
+    source: Any = model
+    if dims:  # export once, check that nothing was specialized, convert that program
+        try:
+            source = torch.export.export(model, inputs.args, kwargs or {},
+                                         dynamic_shapes=_dynamic_shapes(model, inputs, names,
+                                                                        dims))
+        except Exception as exc:
+            raise _dynamic_error(model, dims, exc) from exc
+        _check_dynamic(model, source, inputs, names, dims)
     try:
-        torch.onnx.export(model, inputs.args, str(out), kwargs=kwargs, input_names=names,
+        torch.onnx.export(source, inputs.args, str(out), kwargs=kwargs, input_names=names,
                           output_names=outputs, dynamo=True, external_data=external,
                           verbose=False)
+        if dims:
+            _check_onnx_dynamic(model, out, dims)
         return
     except Exception as exc:
+        if dims and "onstraint" in str(exc):  # the model fixes a dim: no exporter will do
+            raise _dynamic_error(model, dims, exc) from exc
         log.warning("torch.onnx's dynamo exporter failed on %s (%s); using the TorchScript-based "
                     "exporter, which records the path the example inputs take through any "
                     "data-dependent control flow%s", type(model).__name__, _first_line(exc),
@@ -309,8 +516,11 @@ def _export_onnx(model: nn.Module, inputs: Inputs, names: list[str], out: Path) 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
+            axes: dict[str, Any] = {n: dict(d) for n, d in (dims or {}).items()}
+            if axes and outputs and any(0 in d for d in axes.values()):
+                axes[outputs[0]] = {0: "batch"}
             torch.onnx.export(model, inputs.args, str(out), kwargs=kwargs, input_names=names,
-                              output_names=outputs, dynamo=False)
+                              output_names=outputs, dynamo=False, dynamic_axes=axes or None)
         except Exception as exc:
             raise LrfxError(f"cannot export {type(model).__name__} to ONNX: both torch.onnx "
                             f"exporters failed (the last: {_first_line(exc)}); export as pt2 "
