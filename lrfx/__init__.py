@@ -6,8 +6,8 @@ first use, so ``import lrfx.plan`` (say) loads the core it needs and nothing abo
 Layers, bottom to top (a test keeps the rule):
 
 * **core** — ``errors``, ``cost``, ``decompositions``, ``schemes``, ``modules``, ``facts``,
-  ``plan``, ``pipeline``, ``report``, ``analysis``, ``tracing``, ``io``, ``progress``: never
-  imports the passes;
+  ``plan``, ``pipeline``, ``report``, ``analysis``, ``tracing``, ``io``, ``progress``,
+  ``config``, ``batches``, ``training``: never imports the passes;
 * **passes** — ``lrfx.passes.analysis``, ``.allocation``, ``.rewrite``: import the core;
 * **API, tools** — ``lrfx.api`` (analyze, allocate, apply, compress, load), ``lrfx.cli``,
   ``lrfx.contrib``: import both.
@@ -68,6 +68,7 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs
     from lrfx.report import CompressionReport, RewriteRecord
     from lrfx.schemes import Scheme, factored_cost, get_scheme, register_scheme, scheme_names
     from lrfx.tracing import trace
+    from lrfx.training import Evaluation, FitResult, evaluate, fit
 
 _EXPORTS: dict[str, str] = {
     "Analysis": "lrfx.analysis",
@@ -122,6 +123,10 @@ _EXPORTS: dict[str, str] = {
     "register_scheme": "lrfx.schemes",
     "scheme_names": "lrfx.schemes",
     "trace": "lrfx.tracing",
+    "Evaluation": "lrfx.training",
+    "FitResult": "lrfx.training",
+    "evaluate": "lrfx.training",
+    "fit": "lrfx.training",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

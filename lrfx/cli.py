@@ -189,9 +189,9 @@ _DYNAMIC_HELP = ("dynamic input dims of the pt2/onnx export: batch (dim 0 of eve
                  "static")
 
 
-def _calibration(spec: str, n: int, example: Any, model_spec: str,
-                 batch_size: int = 128) -> tuple[list[Any], bool]:
-    """Calibration batches from ``--calibration`` and whether they hold targets."""
+def _dataset(spec: str, example: Any, model_spec: str, limit: int | None = None
+             ) -> tuple[Any, Any]:
+    """``(inputs, targets or None)`` of ``--calibration`` data (``N`` first)."""
     import torch
 
     from lrfx.contrib.data import (
@@ -201,7 +201,6 @@ def _calibration(spec: str, n: int, example: Any, model_spec: str,
         load_fashion_mnist,
         load_image_folder,
         load_tensor_file,
-        split_batches,
     )
 
     y: torch.Tensor | None
@@ -216,7 +215,7 @@ def _calibration(spec: str, n: int, example: Any, model_spec: str,
                             "file instead)")
         c, h, w = example.shape[1:]
         imagenet = model_spec.startswith("torchvision:") and c == 3
-        x = load_image_folder(spec, (h, w), channels=c, limit=n,
+        x = load_image_folder(spec, (h, w), channels=c, limit=limit,
                               mean=IMAGENET_MEAN if imagenet else None,
                               std=IMAGENET_STD if imagenet else None)
         y = None
@@ -224,7 +223,43 @@ def _calibration(spec: str, n: int, example: Any, model_spec: str,
         x, y = load_tensor_file(spec)
     else:
         raise LrfxError(f"unknown calibration data {spec!r}: use {_CALIBRATION_HELP}")
-    return split_batches(x, y, n, batch_size), y is not None
+    return x, y
+
+
+def _finetune(args: argparse.Namespace, dense: Any, gm: Any, x: Any, y: Any) -> None:
+    """``--finetune N``: N epochs on the labelled calibration source, then the test accuracy of
+    the dense, compressed and fine-tuned models where a test split is known."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lrfx.training import evaluate, fit
+
+    if y is None or isinstance(x, dict):
+        raise LrfxError("--finetune needs labelled image data: --calibration fashion-mnist, "
+                        "digits, a .pt holding (inputs, targets) or an .npz with x and y; or "
+                        "fine-tune in Python (README: Fine-tune and evaluate)")
+    test = None
+    if args.calibration == "fashion-mnist":
+        from lrfx.contrib.data import load_fashion_mnist
+
+        xt, yt = load_fashion_mnist("test")
+        test = DataLoader(TensorDataset(xt, yt), batch_size=256)
+    before = None if test is None else evaluate(gm, test, reference=dense)
+    train = DataLoader(TensorDataset(x, y), batch_size=128, shuffle=True,
+                       generator=torch.Generator().manual_seed(0))
+    result = fit(gm, train, epochs=args.finetune, lr=args.lr, progress=not args.no_progress)
+    print(f"fine-tuned {args.finetune} epoch(s) on {len(x):,} samples in {result.seconds:.1f} s "
+          f"(Adam, lr {args.lr}); training loss per epoch: "
+          + ", ".join(f"{v:.4f}" for v in result.losses))
+    if test is None:
+        print("no test split is known for this data: evaluate in Python with lrfx.evaluate")
+        return
+    dense_acc = evaluate(dense, test)
+    after = evaluate(gm, test, reference=dense)
+    assert before is not None
+    print(f"test accuracy ({after.n:,} images): dense {dense_acc.accuracy:.4f}, compressed "
+          f"{before.accuracy:.4f}, fine-tuned {after.accuracy:.4f} (top-1 agreement with dense "
+          f"{before.agreement:.4f} -> {after.agreement:.4f})")
 
 
 def _rank_setting(values: Sequence[str] | None, argument: str, kind: type) -> Any:
@@ -268,12 +303,21 @@ def _compress(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     model, default = load_model(args.model)
     inputs = _inputs_for(args.model, args.input, default)
-    calibration = None
+    calibration = data = None
     if args.calibration is not None:
-        calibration, _ = _calibration(args.calibration, args.calibration_size, inputs,
-                                      args.model)
+        from lrfx.contrib.data import split_batches
+
+        data = _dataset(args.calibration, inputs, args.model,
+                        None if args.finetune else args.calibration_size)
+        calibration = split_batches(*data, args.calibration_size, 128)
+    elif args.finetune:
+        raise LrfxError("--finetune needs --calibration with labelled data (fashion-mnist, "
+                        "digits, a .pt of (inputs, targets) or an .npz with x and y)")
     with torch.no_grad():
         gm = compress(model, inputs, cfg, calibration=calibration, progress=progress)
+    if args.finetune:
+        assert data is not None
+        _finetune(args, model, gm, *data)
     suffix = {"pt2": "pt2", "onnx": "onnx", "torchscript": "ts", "python": "py"}[args.format]
     save(gm, out, model_spec=args.model)
     with step(f"export ({args.format})", progress):
@@ -395,6 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "recalibration")
     p.add_argument("--calibration-size", type=int, default=1024, metavar="N",
                    help="how many calibration samples (default 1024)")
+    p.add_argument("--finetune", type=int, default=0, metavar="EPOCHS",
+                   help="fine-tune the compressed model for EPOCHS epochs on the (labelled) "
+                   "--calibration data before saving; with fashion-mnist, report the test "
+                   "accuracy of the dense, compressed and fine-tuned models")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of --finetune")
     p.add_argument("--round-to", type=int, metavar="K", help="round ranks to multiples of K")
     p.add_argument("--format", choices=["pt2", "onnx", "torchscript", "python"], default="pt2",
                    help="format of the exported graph (default pt2)")
