@@ -12,7 +12,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +80,10 @@ def _apply(args: argparse.Namespace) -> int:
     result = apply(model, plan, inputs)
     save(result, out, model_spec=args.model)
     report = _report_of(result)
-    _print_report(report, report.macs_before, report.macs_after)
-    print(f"wrote {out}/ (plan.json, weights.safetensors, manifest.json, model_code.py)")
+    written = _write_report(report, out)
+    print(report.table())
+    print(f"wrote {out}/ (plan.json, weights.safetensors, manifest.json, model_code.py, "
+          f"{', '.join(written)})")
     return 0
 
 
@@ -103,19 +105,6 @@ def _manifest_inputs(manifest: Mapping[str, Any]) -> list[str]:
         text = "x".join(map(str, r["shape"])) + f":{r.get('dtype', 'float32')}"
         specs.append(f"{r['name']}={text}" if r.get("name") else text)
     return specs
-
-
-def _print_report(report: Iterable[Mapping[str, Any]], before: int, after: int) -> None:
-    cols = ["layer", "scheme", "rank", "macs_before", "macs_after"]
-    rows = [[str(r[c]) if c in ("layer", "scheme", "rank") else f"{r[c]:,}" for c in cols]
-            for r in report]
-    width = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, width, strict=True)))
-    for r in rows:
-        print("  ".join(v.ljust(w) if i < 3 else v.rjust(w)
-                        for i, (v, w) in enumerate(zip(r, width, strict=True))))
-    ratio = after / before if before else 1.0
-    print(f"MACs: {before:,} -> {after:,} ({ratio:.3f}x)")
 
 
 def _export(args: argparse.Namespace) -> int:

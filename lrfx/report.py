@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 __all__ = ["CompressionReport", "RewriteRecord"]
@@ -125,6 +126,8 @@ class CompressionReport:
                              for i, (v, w) in enumerate(zip(r, width, strict=True)))
 
         out = [line(cols)] + [line(r) for r in rows]
+        if rows:
+            out.append(f"error: {self.error_definition()}")
         how = f"{self.allocator}, scheme {self.scheme}" if self.allocator else "plan"
         out.append(
             f"MACs {self.macs_before:,} -> {self.macs_after:,} ({self.macs_ratio:.3f}x); params "
@@ -135,4 +138,32 @@ class CompressionReport:
             out.append(f"captured in module mode ({self.mode_reason}): the factored layers were "
                        "substituted into a copy of the model, which keeps its class")
         out += [f"leaf {name}: {why}" for name, why in self.leaves.items()]
+        if self.skipped:
+            out.append(f"{len(self.skipped)} layer(s) left dense (the reasons: report.skipped, "
+                       "report.md)")
+        out += [f"warning: {w}" for w in self.warnings]
         return "\n".join(out)
+
+    def error_definition(self) -> str:
+        """What the ``error`` column means, in one sentence."""
+        if self.whitened:
+            return ("predicted relative squared error of the layer's output on the calibration "
+                    "data, ||Y - Y_r||^2 / ||Y||^2 (0 = exact, 1 = nothing kept)")
+        return ("predicted relative squared error of the layer's weight, ||W - W_r||^2 / "
+                "||W||^2 (0 = exact, 1 = nothing kept; no calibration data: weight error)")
+
+    def write(self, directory: str | Path) -> list[Path]:
+        """Write ``report.json``, a readable ``report.md`` and its figures into ``directory``.
+
+        The Markdown has the totals, how the plan was made, what "error" means, the per-layer
+        table (full names), the layers left dense and why, the warnings and the config; the
+        figures (PNG, when matplotlib is installed) are MACs and parameters per layer before and
+        after, the predicted error per factored layer, and each factored layer's error curve
+        with its chosen rank.
+
+        Returns:
+            The files written.
+        """
+        from lrfx.report_files import write_report
+
+        return write_report(self, Path(directory))

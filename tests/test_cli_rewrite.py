@@ -47,9 +47,10 @@ def test_apply_writes_the_output_directory(
     printed = capsys.readouterr().out
     for layer in ("conv2", "fc"):
         assert layer in printed
-    assert "MACs:" in printed and f"wrote {out}" in printed
+    assert "MACs " in printed and f"wrote {out}" in printed
     assert sorted(p.name for p in out.iterdir()) == [
-        "manifest.json", "model_code.py", "plan.json", "weights.safetensors"
+        "manifest.json", "model_code.py", "plan.json", "report.json", "report.md",
+        "report_costs.png", "weights.safetensors"
     ]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"] == SPEC
