@@ -432,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune the compressed model for EPOCHS epochs on the (labelled) "
                    "--calibration data before saving; with fashion-mnist, report the test "
                    "accuracy of the dense, compressed and fine-tuned models")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of --finetune")
+    p.add_argument("--lr", type=float, default=1e-4,
+                   help="Adam learning rate of --finetune (default 1e-4)")
     p.add_argument("--round-to", type=int, metavar="K", help="round ranks to multiples of K")
     p.add_argument("--format", choices=["pt2", "onnx", "torchscript", "python"], default="pt2",
                    help="format of the exported graph (default pt2)")

@@ -221,7 +221,7 @@ def fit(
     *,
     epochs: int = 1,
     optimizer: torch.optim.Optimizer | None = None,
-    lr: float = 1e-3,
+    lr: float = 1e-4,
     loss: Callable[[Any, Any], torch.Tensor] | None = None,
     inputs: InputSelector = "auto",
     max_batches: int | None = None,
@@ -237,7 +237,8 @@ def fit(
             list is re-read every epoch, a ``DataLoader`` re-iterated (reshuffled if it shuffles).
         epochs: Passes over ``data``.
         optimizer: Yours; default Adam(lr) over the trainable parameters.
-        lr: Learning rate of the default optimizer.
+        lr: Learning rate of the default optimizer (1e-4: fine-tuning a compressed model,
+            not training from scratch).
         loss: ``loss(output, targets) -> scalar``; default cross-entropy of the prediction
             tensor (:func:`logits_of`) against class indices.
         inputs: Which part of a batch feeds the model.
