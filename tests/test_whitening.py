@@ -242,3 +242,37 @@ def test_unfoldings_wider_than_max_dim_keep_plain_spectra() -> None:
     assert "channel" in stats["0"].grams and stats["0"].count == 2 * 2 * 36
     assert "channel" not in stats["1"].grams and "spatial" in stats["1"].grams  # 8*3 = 24
     assert stats["1"].count > 0  # spatial rows count when the channel Gram is skipped
+
+
+@pytest.mark.parametrize("block", [37, 1 << 14])
+def test_conv_grams_in_float32_blocks_match_the_float64_gram(block: int,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    import lrfx.passes.analysis.activations as act
+
+    monkeypatch.setattr(act, "BLOCK_ROWS", block)  # many blocks and pieces, or one
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(5, 8, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(8 * 6 * 6, 4)).eval()
+    batches = [torch.randn(7, 5, 11, 11) for _ in range(3)]
+    gm = lrfx.trace(net, batches[0])
+    from lrfx.api import _feed
+    from lrfx.passes.analysis import CalibrationOptions, annotate_costs, propagate_shapes
+
+    ctx = PassContext(example_inputs=_feed(gm, batches[0]),
+                      options=[CalibrationOptions(calibration=batches)])
+    propagate_shapes(gm, ctx)
+    annotate_costs(gm, ctx)
+    stats = collect_input_stats(gm, ctx)
+    x = torch.cat(batches).double()
+    rows = nn.functional.unfold(x, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 45)
+    torch.testing.assert_close(stats["0"].grams["channel"][0], rows.T @ rows, rtol=1e-5,
+                               atol=1e-4)
+    vert = nn.functional.unfold(nn.functional.pad(x, (1, 1, 1, 1)), (3, 1), stride=(2, 1))
+    vert = vert.transpose(1, 2).reshape(-1, 15)
+    torch.testing.assert_close(stats["0"].grams["spatial"][0], vert.T @ vert, rtol=1e-5,
+                               atol=1e-4)
+    assert stats["0"].count == rows.shape[0]
+    with torch.no_grad():
+        h = net[2](net[1](net[0](x.float()))).double()
+    torch.testing.assert_close(stats["3"].grams["rows"][0], h.T @ h, rtol=1e-5, atol=1e-4)
