@@ -35,14 +35,19 @@ echo >> "$OUT"
 run "$LRFX" compress fmnist_nets:resnet20_fmnist --macs 0.5 --calibration fashion-mnist \
   --finetune 1 --format onnx --dynamic batch -o "$WORK/cli"
 run ls "$WORK/cli"
-run "$PY" -c "import lrfx; r = lrfx.CompressConfig(macs=0.5, exclude=['conv1', 'fc']); open('$WORK/cfg.json', 'w').write(r.to_json())"
-run head -n 24 "$WORK/cli/report.md"
-run "$LRFX" compress fmnist_nets:resnet20_fmnist --macs 0.5 -o "$WORK/cli"
-run "$LRFX" compress fmnist_nets:resnet20_fmnist --config "$WORK/cfg.json" --macs 0.4 \
-  --calibration fashion-mnist --calibration-size 512 -o "$WORK/cli" --force
-run "$LRFX" export "$WORK/cli" --format pt2 --dynamic batch
 run "$PY" -c "import numpy as np, onnxruntime as ort
 s = ort.InferenceSession('$WORK/cli/model.onnx')
 for b in (1, 8):
-    print(b, s.run(None, {s.get_inputs()[0].name: np.zeros((b, 1, 28, 28), np.float32)})[0].shape)"
+    print('batch', b, '->', s.run(None, {s.get_inputs()[0].name: np.zeros((b, 1, 28, 28), np.float32)})[0].shape)"
+run head -n 24 "$WORK/cli/report.md"
+run "$LRFX" compress fmnist_nets:resnet20_fmnist --macs 0.5 -o "$WORK/cli"
+run "$PY" -c "import lrfx; open('$WORK/cfg.json', 'w').write(lrfx.CompressConfig(macs=0.5, exclude=['conv1', 'fc']).to_json())"
+run "$LRFX" compress fmnist_nets:resnet20_fmnist --config "$WORK/cfg.json" --macs 0.4 \
+  --calibration fashion-mnist --calibration-size 512 -o "$WORK/cli" --force
+run ls "$WORK/cli"
+run "$LRFX" export "$WORK/cli" --format pt2 --dynamic batch -o "$WORK/dynamic.pt2"
+run "$PY" -c "import torch
+m = torch.export.load('$WORK/dynamic.pt2').module()
+for b in (1, 8):
+    print('batch', b, '->', tuple(m(torch.zeros(b, 1, 28, 28)).shape))"
 echo "wrote $OUT"
