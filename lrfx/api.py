@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_leaves
 
 from lrfx.analysis import Analysis
 from lrfx.batches import model_inputs, take_batches
-from lrfx.config import CompressConfig
+from lrfx.config import SEQUENTIAL_MEMORY, CompressConfig
 from lrfx.cost import ConvGeometry, LinearGeometry
 from lrfx.decompositions import Spectrum, check_finite
 from lrfx.errors import LrfxError
@@ -60,14 +60,25 @@ from lrfx.passes.allocation import (
 )
 from lrfx.passes.analysis import (
     CalibrationOptions,
+    SensitivityOptions,
+    SlopeOptions,
     SpectraOptions,
     annotate_costs,
     collect_input_stats,
     compute_spectra,
+    layer_sensitivity,
+    measure_slopes,
     propagate_shapes,
 )
 from lrfx.passes.analysis.spectra import layer_weight
-from lrfx.passes.rewrite import FactorizeOptions, factorize
+from lrfx.passes.rewrite import (
+    FactorizeOptions,
+    Refit,
+    RefitOptions,
+    estimate_memory,
+    factorize,
+    refit_factors,
+)
 from lrfx.pipeline import GraphPass, PassContext, Pipeline
 from lrfx.plan import LayerPlan, RankPlan
 from lrfx.progress import step
@@ -302,8 +313,11 @@ class _Allocation:
 
 
 def _allocate(analysis: Analysis, cfg: CompressConfig,
-              spectra: Mapping[str, Mapping[str, Spectrum]] | None = None) -> _Allocation:
-    """Allocation with everything the report needs: curves, layers left dense, warnings."""
+              spectra: Mapping[str, Mapping[str, Spectrum]] | None = None,
+              weights: Mapping[str, float] | None = None) -> _Allocation:
+    """Allocation with everything the report needs: curves, layers left dense, warnings.
+    ``weights``: loss-aware per-layer weights of the errors (the report keeps the unweighted
+    errors)."""
     check_budget(cfg.macs, cfg.params)
     budget = make_budget(cfg.macs, cfg.params, analysis.total_macs, analysis.total_params)
     rules = cfg.rules()
@@ -314,7 +328,13 @@ def _allocate(analysis: Analysis, cfg: CompressConfig,
                             round_to=cfg.round_to, spectra=spectra, rules=rules,
                             skipped=skipped)
     fixed = budget.total - sum(int(o.cost[0]) for o in options)
-    choice, used = ALLOCATORS[cfg.allocator](options, budget, fixed, **cfg.settings)
+    if weights is not None:
+        weighted = [o.weighted(weights.get(o.name, 1.0)) for o in options]
+        choice, used = ALLOCATORS[cfg.allocator](weighted, budget, fixed, **cfg.settings)
+        choice = {o.name: o.candidate(o.index_of(choice[o.name])) for o in options}
+        used["sensitivity_weights"] = {k: float(f"{v:.4g}") for k, v in weights.items()}
+    else:
+        choice, used = ALLOCATORS[cfg.allocator](options, budget, fixed, **cfg.settings)
     if cfg.scheme == "auto" and cfg.allocator != "lc":
         choice = prefer_best_scheme(choice, options)
     choice = fill_budget(choice, options, fixed, budget)
@@ -385,7 +405,8 @@ def as_plan(plan: Any) -> RankPlan:
 def _report(before: Analysis, plan: RankPlan, errors: Mapping[str, float] | None, *,
             allocator: str = "", scheme: str = "", whitened: bool = False,
             seconds: float = 0.0, allocation: _Allocation | None = None,
-            config: CompressConfig | None = None) -> CompressionReport:
+            config: CompressConfig | None = None, refit: Refit | None = None
+            ) -> CompressionReport:
     rows = []
     for name, lp in plan.factored.items():
         rec = before[name]
@@ -399,6 +420,9 @@ def _report(before: Analysis, plan: RankPlan, errors: Mapping[str, float] | None
             "params_after": lp.params,
             "error": None if errors is None else errors.get(name),
         })
+        if refit is not None:
+            rows[-1]["output_error"] = refit.errors.get(name)
+            rows[-1]["fit"] = refit.methods.get(name)
     budget = {k: plan.settings[k] for k in ("metric", "target", "fraction") if k in plan.settings}
     return CompressionReport(
         mode=before.mode,
@@ -413,6 +437,7 @@ def _report(before: Analysis, plan: RankPlan, errors: Mapping[str, float] | None
         allocator=allocator,
         scheme=scheme,
         whitened=whitened,
+        sequential=refit is not None,
         seconds=seconds,
         skipped={} if allocation is None else allocation.skipped,
         curves={} if allocation is None else allocation.curves,
@@ -429,7 +454,7 @@ def _refresh_layers(gm: fx.GraphModule) -> None:
 
 def _runner(gm: fx.GraphModule) -> Any:
     """How calibration batches run: through the model itself in module mode (the graph is
-    specialized to the example), else through the graph."""
+    specialized to the example), else through the graph (``None``)."""
     capture_info = get_graph_facts(gm).capture
     if capture_info.mode == "module" and capture_info.root is not None:
         root = capture_info.root
@@ -561,11 +586,15 @@ def apply(
 
 def _rewrite(gm: fx.GraphModule, plan: RankPlan, before: Analysis, model: nn.Module,
              example_inputs: Any, leaf_modules: Sequence[type[nn.Module] | str], mode: str,
-             verify: bool) -> tuple[tuple[RewriteRecord, ...], nn.Module]:
-    """The rewrite step of :func:`apply` and :func:`compress`: factorize, refresh the layer
-    facts, check every factored layer's output shape and, with ``verify``, the full-rank
-    equivalent. Returns the records and the result (graph module or module-mode model)."""
-    records = factorize(gm, FactorizeOptions(plan=plan))
+             verify: bool, refit: Refit | None = None
+             ) -> tuple[tuple[RewriteRecord, ...], nn.Module]:
+    """The rewrite step of :func:`apply` and :func:`compress`: factorize (with the factors of
+    ``refit`` where it has them), refresh the layer facts, check every factored layer's output
+    shape and, with ``verify``, the full-rank equivalent. Returns the records and the result
+    (graph module or module-mode model)."""
+    factors = None if refit is None else {
+        name: (w, refit.biases.get(name)) for name, w in refit.weights.items()}
+    records = factorize(gm, FactorizeOptions(plan=plan, factors=factors))
     _refresh_layers(gm)
     result = _result(gm)
     _check_shapes(result, gm, records, before, example_inputs)
@@ -698,6 +727,8 @@ def compress(
     calibration_batches: int | None = None,
     calibration_inputs: Any = None,
     recalibrate: bool | None = None,
+    sequential: bool | None = None,
+    sensitivity: str | None = None,
     leaf_modules: Sequence[type[nn.Module] | str] = (),
     progress: bool = False,
     precision: str | None = None,
@@ -731,6 +762,10 @@ def compress(
         calibration_inputs: Which part of a batch feeds the model (default ``"auto"``; see
             :mod:`lrfx.batches`).
         recalibrate: Re-estimate BN statistics on the calibration data (default True).
+        sequential: Fit each layer to the inputs the compressed layers before it give it
+            (default: automatic, see :class:`lrfx.CompressConfig`).
+        sensitivity: Loss-aware allocation: ``fisher``, ``output`` or ``None`` (see
+            :class:`lrfx.CompressConfig`).
         leaf_modules: Module types or names to keep as leaves while tracing.
         progress: Report progress on stderr (a bar on a terminal, periodic lines elsewhere).
         precision: Of the spectra: ``auto`` (float64 for small unfoldings, float32 above 512
@@ -763,7 +798,8 @@ def compress(
                   scheme=scheme, round_to=round_to, exclude=exclude, min_rank=min_rank,
                   max_rank=max_rank, max_error=max_error, calibration_batches=calibration_batches,
                   calibration_inputs=calibration_inputs, recalibrate=recalibrate,
-                  precision=precision, mode=mode, verify=verify)
+                  sequential=sequential, sensitivity=sensitivity, precision=precision,
+                  mode=mode, verify=verify)
     check_budget(cfg.macs, cfg.params)
     with step("calibration data", progress, enabled=calibration is not None):
         batches = None if calibration is None else _calibration_batches(model, calibration, cfg)
@@ -782,18 +818,42 @@ def compress(
     if not before.factorable:
         log.warning("%s has no layer lrfx can factor; returning an equivalent graph",
                     type(model).__name__)
+    weights = None
+    if batches is not None and cfg.sensitivity in ("fisher", "output") and before.factorable:
+        with step("layer sensitivity", progress):
+            weights = layer_sensitivity(gm, PassContext(progress=progress, options=[
+                SensitivityOptions(calibration=batches, kind=cfg.sensitivity,
+                                   run=_runner(gm))]))
     with step("allocation", progress):
-        alloc = _allocate(before, cfg)
+        alloc = _allocate(before, cfg, weights=weights)
+    if batches is not None and cfg.sensitivity == "measured" and alloc.plan.factored:
+        if get_graph_facts(gm).capture.mode == "module":
+            raise LrfxError("sensitivity='measured' replays the traced graph; this model was "
+                            "captured in module mode: use sensitivity='fisher' or 'output'")
+        with step("layer sensitivity", progress):
+            weights = measure_slopes(gm, PassContext(progress=progress, options=[
+                SlopeOptions(calibration=batches, plan=alloc.plan, errors=alloc.errors)]))
+        with step("allocation (loss-aware)", progress):
+            alloc = _allocate(before, cfg, weights=weights)
+    refit, why_not = None, "no calibration data"
+    if batches is not None and alloc.plan.factored:
+        refit, why_not = _sequential(gm, alloc.plan, batches, cfg, progress)
+    how: dict[str, Any] = {"sequential": refit is not None}
+    if refit is None and batches is not None:
+        how["sequential_reason"] = why_not
+    alloc = dataclasses.replace(alloc, plan=dataclasses.replace(
+        alloc.plan, settings={**alloc.plan.settings, **how}))
     with step("rewrite", progress):
         records, result = _rewrite(gm, alloc.plan, before, model, example_inputs, leaf_modules,
-                                   cfg.mode, cfg.verify)
+                                   cfg.mode, cfg.verify, refit)
     if batches is not None and cfg.recalibrate:
         with step("BatchNorm recalibration", progress):
             recalibrate_bn(result, batches if result is not gm else
                            [_feed(gm, b) for b in batches])
     report = _report(before, alloc.plan, alloc.errors, allocator=cfg.allocator,
                      scheme=cfg.scheme, whitened=batches is not None,
-                     seconds=time.perf_counter() - t0, allocation=alloc, config=cfg)
+                     seconds=time.perf_counter() - t0, allocation=alloc, config=cfg,
+                     refit=refit)
     facts = update_graph_facts(gm, plan=alloc.plan, report=report, rewrites=records)
     if result is not gm:
         attach_facts(result, facts.replace(capture=dataclasses.replace(facts.capture, root=None)))
@@ -801,6 +861,39 @@ def compress(
              type(model).__name__, report.macs_ratio,
              report.params_after / max(report.params_before, 1), len(report), report.seconds)
     return result
+
+
+def _sequential(gm: fx.GraphModule, plan: RankPlan, batches: Sequence[Any], cfg: CompressConfig,
+                progress: bool) -> tuple[Refit | None, str]:
+    """Sequential calibration when the config asks for it (or, automatically, when it can run
+    within :data:`~lrfx.config.SEQUENTIAL_MEMORY`); else ``(None, why not)``."""
+    if cfg.sequential is False:
+        return None, "sequential=False"
+    if get_graph_facts(gm).capture.mode == "module":
+        if cfg.sequential:
+            raise LrfxError("sequential=True needs a traced graph; this model was captured in "
+                            "module mode (the report says why). Use sequential=False")
+        return None, "module mode: no graph to walk"
+    samples = sum(_samples(b) for b in batches)
+    need = estimate_memory(gm, samples)
+    if cfg.sequential is None and need > SEQUENTIAL_MEMORY:
+        why = (f"it would hold about {need / 2**30:.1f} GiB of activations for {samples} "
+               f"calibration samples (limit {SEQUENTIAL_MEMORY / 2**30:.0f} GiB); pass "
+               "sequential=True to run it anyway, or fewer calibration batches")
+        log.warning("sequential calibration skipped: %s", why)
+        return None, why
+    with step("sequential calibration", progress):
+        refit = refit_factors(gm, PassContext(progress=progress, options=[RefitOptions(
+            plan=plan, calibration=batches, recalibrate=cfg.recalibrate)]))
+    return refit, ""
+
+
+def _samples(batch: Any) -> int:
+    """The number of samples in a batch (the leading dim of its first tensor)."""
+    for leaf in tree_leaves(batch):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return int(leaf.shape[0])
+    return 1
 
 
 def _calibration_batches(model: nn.Module, calibration: Iterable[Any], cfg: CompressConfig

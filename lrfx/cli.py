@@ -285,7 +285,8 @@ def _compress(args: argparse.Namespace) -> int:
         exclude=tuple(args.exclude) if args.exclude else None,
         min_rank=_rank_setting(args.min_rank, "min_rank", int),
         max_rank=_rank_setting(args.max_rank, "max_rank", int),
-        max_error=_rank_setting(args.max_error, "max_error", float))
+        max_error=_rank_setting(args.max_error, "max_error", float),
+        sequential=False if args.no_sequential else None)
     if cfg.macs is None and cfg.params is None:
         raise LrfxError("give a budget: --macs 0.5 or --params 0.5 (or in --config)")
     out = _prepare_output(args.output, args.force)
@@ -428,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "recalibration")
     p.add_argument("--calibration-size", type=int, default=1024, metavar="N",
                    help="how many calibration samples (default 1024)")
+    p.add_argument("--no-sequential", action="store_true",
+                   help="with --calibration: whiten every layer by the original model's "
+                   "statistics only, instead of fitting each layer to what the compressed layers "
+                   "before it output (sequential calibration, the default)")
     p.add_argument("--finetune", type=int, default=0, metavar="EPOCHS",
                    help="fine-tune the compressed model for EPOCHS epochs on the (labelled) "
                    "--calibration data before saving; with fashion-mnist, report the test "

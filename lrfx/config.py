@@ -53,6 +53,11 @@ _MODES = ("auto", "fx", "module")
 #: A factored layer whose predicted error reaches this, or whose rank is 1, is warned about.
 WARN_ERROR = 0.9
 
+#: Sequential calibration holds every calibration batch's live activations twice at once; in
+#: automatic mode (``sequential=None``) it is used only when its estimate stays below this many
+#: bytes (else the one-shot whitened factors are used and the report says why).
+SEQUENTIAL_MEMORY = 4 << 30
+
 
 def _selector(s: Any, argument: str) -> str:
     if isinstance(s, type) and issubclass(s, nn.Module):
@@ -118,6 +123,17 @@ class CompressConfig:
             (``(inputs, targets)`` pairs are recognized), an item index, dict keys, or a
             callable (not stored in JSON; see :mod:`lrfx.batches`).
         recalibrate: Re-estimate BatchNorm statistics on the calibration data.
+        sequential: With calibration data, fit each layer's factors to the inputs the
+            *compressed* layers before it produce, so later layers correct earlier truncation
+            (:mod:`lrfx.passes.rewrite.refit`). ``None`` (default): on for traced models when
+            the activations it holds fit in :data:`SEQUENTIAL_MEMORY`; ``True``: always (an
+            error in module mode); ``False``: every layer whitened by the original model's
+            statistics only.
+        sensitivity: Loss-aware allocation with calibration data: weigh each layer's error by
+            how much it moves the model's output (:mod:`lrfx.passes.analysis.sensitivity`):
+            ``measured`` (each layer's measured error-to-output slope at a first plan's rank),
+            ``fisher`` (the output read as logits), ``output`` (any output), or ``None`` (every
+            layer alike). For the ``lc`` and ``global_sigma`` allocators.
         precision: Of the spectra: ``auto``, ``float64`` or ``float32``.
         mode: Capture: ``auto``, ``fx`` or ``module``.
         verify: Check the plan's schemes at full rank against the model.
@@ -137,6 +153,8 @@ class CompressConfig:
     calibration_batches: int | None = None
     calibration_inputs: Any = "auto"
     recalibrate: bool = True
+    sequential: bool | None = None
+    sensitivity: str | None = None
     precision: str = "auto"
     mode: str = "auto"
     verify: bool = False
@@ -181,6 +199,18 @@ class CompressConfig:
         check_selector(self.calibration_inputs)
         if isinstance(self.calibration_inputs, list):
             set_(self, "calibration_inputs", tuple(self.calibration_inputs))
+        if self.sensitivity is not None:
+            if self.sensitivity not in ("fisher", "measured", "output"):
+                raise LrfxError(f"unknown sensitivity {self.sensitivity!r}; choose 'measured', "
+                                "'fisher', 'output' or None")
+            if self.allocator not in ("lc", "global_sigma"):
+                raise LrfxError(f"sensitivity={self.sensitivity!r} weighs the errors the lc and "
+                                f"global_sigma allocators minimize; allocator "
+                                f"{self.allocator!r} ranks layers on their own: drop "
+                                "sensitivity= or use allocator='lc'")
+        if self.sequential is not None and not isinstance(self.sequential, bool):
+            raise LrfxError(f"sequential must be True, False or None (automatic), got "
+                            f"{self.sequential!r}")
         for name in ("recalibrate", "verify"):
             if not isinstance(getattr(self, name), bool):
                 raise LrfxError(f"{name} must be True or False, got {getattr(self, name)!r}")

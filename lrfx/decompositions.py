@@ -38,18 +38,21 @@ import torch
 from lrfx.errors import LrfxError
 
 __all__ = [
-    "UNFOLDINGS",
     "EigenBasis",
     "Spectrum",
+    "UNFOLDINGS",
     "Unfolding",
     "WeightStamp",
     "channel_factors",
     "check_finite",
     "cp_factors",
-    "is_finite",
     "decompose",
     "decompose_many",
     "factor_pair",
+    "fit_low_rank",
+    "inverse_sqrt",
+    "is_finite",
+    "least_squares",
     "linear_factors",
     "project_matrix",
     "singular_values",
@@ -585,6 +588,58 @@ def whitening_factor(gram: torch.Tensor, count: int) -> torch.Tensor:
         damping *= 10
     raise LrfxError("input statistics are not positive definite even with damping; use more "
                     "calibration data")
+
+
+def inverse_sqrt(cov: torch.Tensor, damping: float = DAMPING, rtol: float = 1e-10
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Q, lam^-1/2)`` of a symmetric PSD matrix ``cov = Q diag(lam) Q^T`` (batched), robust to
+    rank deficiency: ``damping * mean(lam)`` is added to every eigenvalue and directions with an
+    eigenvalue below ``rtol * max(lam)`` get 0 (a pseudo-inverse, where a Cholesky factor would
+    fail on dead channels or constant inputs). ``S = Q diag(lam^1/2)`` is a square root of
+    ``cov`` and ``S^+ = diag(lam^-1/2) Q^T``.
+    """
+    lam, q = torch.linalg.eigh(cov.to(torch.float64))
+    lam = lam.clamp_min(0)
+    top = lam.max(-1, keepdim=True).values
+    scale = lam.mean(-1, keepdim=True)
+    inv = torch.where(lam > rtol * top, (lam + damping * scale).rsqrt(), torch.zeros_like(lam))
+    return q, inv
+
+
+def fit_low_rank(weight: torch.Tensor, cross: torch.Tensor, cov: torch.Tensor, rank: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rank-``rank`` map ``L = left @ right`` minimizing ``E ||W x - L x~||^2`` (batched).
+
+    ``x`` is the layer's input in the original model and ``x~`` the input it gets in the
+    compressed one; ``weight`` is ``W`` (``(g, m, d)``), ``cross`` is ``E[x x~^T]`` and ``cov``
+    is ``E[x~ x~^T]`` (``(g, d, d)``; centered, for a layer whose bias absorbs the means). With
+    ``cov = S S^T``, the objective is ``||(W K C^+ - L) S||^2`` plus a constant, so ``L`` is the
+    truncated SVD of ``M = W K S^+^T`` mapped back by ``S^+``: with ``x~ = x`` this is the
+    whitened (SVD-LLM) truncation; otherwise it also corrects the error of the layers before.
+
+    Returns:
+        ``(left (g, m, r), right (g, r, d))``, each component balanced between the two.
+    """
+    q, inv = inverse_sqrt(cov)
+    w = weight.to(torch.float64)
+    m = (w @ cross.to(torch.float64) @ q) * inv.unsqueeze(-2)  # W K Q lam^-1/2
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    r = min(rank, s.shape[-1])
+    root = s[..., :r].sqrt()
+    left = u[..., :r] * root.unsqueeze(-2)
+    right = (root.unsqueeze(-1) * vh[..., :r, :]) * inv.unsqueeze(-2) @ q.transpose(-2, -1)
+    if r < rank:  # fewer input directions than the rank: pad with zero components
+        pad = rank - r
+        left = torch.cat([left, left.new_zeros(*left.shape[:-1], pad)], -1)
+        right = torch.cat([right, right.new_zeros(*right.shape[:-2], pad, right.shape[-1])], -2)
+    return _balance(left, right)
+
+
+def least_squares(cross: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """``A = K C^+`` minimizing ``E ||y - A z||^2`` given ``K = E[y z^T]`` and ``C = E[z z^T]``
+    (batched; the pseudo-inverse of :func:`inverse_sqrt`, so rank-deficient ``z`` is fine)."""
+    q, inv = inverse_sqrt(cov)
+    return (cross.to(torch.float64) @ q) * (inv * inv).unsqueeze(-2) @ q.transpose(-2, -1)
 
 
 # --- projections (differentiable, on the weight's own device) -------------------------------------

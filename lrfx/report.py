@@ -33,6 +33,11 @@ class RewriteRecord:
     nodes: tuple[str, ...]
 
 
+#: What the ``measured`` column (``output_error``) of a sequential compression means.
+MEASURED = ("relative squared error of the layer's output in the compressed model against the "
+            "original model's, measured on the calibration data")
+
+
 @dataclass(frozen=True)
 class CompressionReport:
     """Before/after figures of one rewrite (``gm.meta["lrfx"].report``).
@@ -44,9 +49,14 @@ class CompressionReport:
             ``macs_after``, ``params_before``, ``params_after`` and ``error``: the relative
             squared truncation error the allocator predicted (of the weight, or of the layer's
             output on the calibration data when whitened); ``None`` when no spectra were known.
+            With sequential calibration also ``output_error``: the relative squared error of
+            the layer's output in the compressed model against the original model's, measured
+            on the calibration data (``None`` for layers it did not walk), and ``fit``: how the
+            factors were chosen (``joint``, ``last``, or ``spectra (why)``).
         macs_before, macs_after, params_before, params_after: Model totals.
         budget: ``{"metric", "target", "fraction"}`` (empty for a hand-written plan).
         allocator, scheme, whitened: How the plan was made.
+        sequential: Whether the factors were fitted by sequential calibration.
         seconds: Wall time of the whole call.
         mode: How the model was captured: ``fx`` (the result is a ``GraphModule``) or
             ``module`` (layers substituted into a copy that keeps the model's class).
@@ -70,6 +80,7 @@ class CompressionReport:
     allocator: str = ""
     scheme: str = ""
     whitened: bool = False
+    sequential: bool = False
     seconds: float = 0.0
     mode: str = "fx"
     mode_reason: str = ""
@@ -97,6 +108,7 @@ class CompressionReport:
             "allocator": self.allocator,
             "scheme": self.scheme,
             "whitened": self.whitened,
+            "sequential": self.sequential,
             "budget": dict(self.budget),
             "macs_before": self.macs_before,
             "macs_after": self.macs_after,
@@ -119,6 +131,10 @@ class CompressionReport:
         rows = [[str(x["layer"]), str(x["scheme"]), str(x["rank"]), f"{x['macs_before']:,}",
                  f"{x['macs_after']:,}",
                  "-" if x.get("error") is None else f"{x['error']:.4f}"] for x in self.layers]
+        if self.sequential:
+            cols.append("measured")
+            for r, x in zip(rows, self.layers, strict=True):
+                r.append("-" if x.get("output_error") is None else f"{x['output_error']:.4f}")
         width = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
 
         def line(r: Sequence[str]) -> str:
@@ -128,11 +144,14 @@ class CompressionReport:
         out = [line(cols)] + [line(r) for r in rows]
         if rows:
             out.append(f"error: {self.error_definition()}")
+        if rows and self.sequential:
+            out.append(f"measured: {MEASURED}")
         how = f"{self.allocator}, scheme {self.scheme}" if self.allocator else "plan"
         out.append(
             f"MACs {self.macs_before:,} -> {self.macs_after:,} ({self.macs_ratio:.3f}x); params "
             f"{self.params_before:,} -> {self.params_after:,}; {len(self.layers)} layers "
-            f"factored ({how}{', whitened' if self.whitened else ''}) in {self.seconds:.1f} s"
+            f"factored ({how}{', whitened' if self.whitened else ''}"
+            f"{', sequential' if self.sequential else ''}) in {self.seconds:.1f} s"
         )
         if self.mode == "module":
             out.append(f"captured in module mode ({self.mode_reason}): the factored layers were "

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lrfx.report import MEASURED
+
 if TYPE_CHECKING:
     from lrfx.report import CompressionReport
 
@@ -138,12 +140,17 @@ def _markdown(report: CompressionReport, figures: Sequence[Path], note: str) -> 
                    f"model ({budget.get('target', 0):,})")
     if report.allocator:
         how.append(f"- allocator: {report.allocator}; scheme: {report.scheme}; data-aware "
-                   f"(whitened): {'yes' if report.whitened else 'no'}")
+                   f"(whitened): {'yes' if report.whitened else 'no'}; sequential calibration: "
+                   f"{'yes' if report.sequential else 'no'}")
     how.append(f"- capture: {report.mode}" + (f" ({report.mode_reason})"
                                                 if report.mode_reason else ""))
     how.append(f"- time: {report.seconds:.1f} s")
     md += ["", *how, ""]
     md += [f"**error**: {report.error_definition()}.", ""]
+    if report.sequential:
+        md += [f"**measured**: {MEASURED}; **fit**: how the factors were chosen (joint: both "
+               "factors in closed form for the compressed layer's inputs; last: the last piece "
+               "refit; spectra: one-shot factors, and why).", ""]
     if report.warnings:
         md += ["## Warnings", "", *(f"- {_md_escape(w)}" for w in report.warnings), ""]
     if note:
@@ -151,12 +158,15 @@ def _markdown(report: CompressionReport, figures: Sequence[Path], note: str) -> 
     for f in figures:
         md += [f"![{f.stem}]({f.name})", ""]
     md += ["## Factored layers", ""]
+    extra = ["measured", "fit"] if report.sequential else []
     md += _table(["layer", "scheme", "rank", "MACs before", "MACs after", "params before",
-                  "params after", "error"],
+                  "params after", "error", *extra],
                  [[f"`{r['layer']}`", r["scheme"], _rank_text(r["rank"]),
                    f"{r['macs_before']:,}", f"{r['macs_after']:,}", f"{r['params_before']:,}",
                    f"{r['params_after']:,}",
-                   "-" if r.get("error") is None else f"{r['error']:.4f}"]
+                   "-" if r.get("error") is None else f"{r['error']:.4f}",
+                   *(["-" if r.get("output_error") is None else f"{r['output_error']:.4f}",
+                      str(r.get("fit") or "-")] if extra else [])]
                   for r in report.layers])
     md += ["", "## Layers left dense", ""]
     if report.skipped:

@@ -207,6 +207,8 @@ def allocate_global_sigma(
             continue
         unit = _ranking_unit(o.scheme_of(p[0]))
         vals = o.spectra[unit].values.max(dim=0).values.numpy()  # widest group decides
+        if o.weight is not None:  # loss-aware: a value's square is its weighted relative error
+            vals = vals * np.sqrt(o.weight / max(float((vals ** 2).sum()), 1e-300))
         per_layer.append((p, o.main_ranks(p), vals))
         pooled.append(vals)
     ordered = np.sort(np.concatenate(pooled) if pooled else np.zeros(0))[::-1]

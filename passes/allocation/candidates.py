@@ -13,6 +13,7 @@ asked for.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from collections.abc import Mapping, Sequence
@@ -201,6 +202,20 @@ class LayerOptions:
             return int(np.argmin(self.cost))
         order = np.lexsort((self.cost[fitting], self.error[fitting]))
         return int(fitting[order[0]])
+
+    def weighted(self, weight: float) -> LayerOptions:
+        """A copy whose errors are multiplied by ``weight`` (loss-aware allocation: the
+        allocators minimize ``sum weight * error``). Value-based criteria (``global_sigma``)
+        scale the layer's singular values by ``sqrt(weight)`` over the spectrum's norm, so a
+        value's square is the weighted relative error it causes."""
+        o = copy.copy(self)
+        o.__dict__.pop("candidates", None)
+        o.error = self.error * weight
+        o.weight = weight
+        return o
+
+    #: The loss-aware weight of :meth:`weighted` (``None``: unweighted).
+    weight: float | None = None
 
     def __repr__(self) -> str:
         return f"LayerOptions({self.name!r}, {len(self)} candidates)"

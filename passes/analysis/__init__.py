@@ -2,14 +2,24 @@
 
 from lrfx.passes.analysis.activations import CalibrationOptions, collect_input_stats
 from lrfx.passes.analysis.costs import annotate_costs
+from lrfx.passes.analysis.sensitivity import (
+    SensitivityOptions,
+    SlopeOptions,
+    layer_sensitivity,
+    measure_slopes,
+)
 from lrfx.passes.analysis.shapes import propagate_shapes
 from lrfx.passes.analysis.spectra import SpectraOptions, compute_spectra
 
 __all__ = [
     "CalibrationOptions",
+    "SensitivityOptions",
+    "SlopeOptions",
     "SpectraOptions",
     "annotate_costs",
     "collect_input_stats",
     "compute_spectra",
+    "layer_sensitivity",
+    "measure_slopes",
     "propagate_shapes",
 ]

@@ -1,5 +1,11 @@
-"""Rewrite passes: consume a plan and change the graph; they never decide ranks."""
+"""Rewrite passes: consume a plan and change the graph; they never decide ranks.
+
+:func:`refit_factors` belongs here although it changes nothing: it chooses the factors of a
+plan's layers (on calibration data) for :func:`factorize` to build.
+"""
 
 from lrfx.passes.rewrite.factorize import FactorizeOptions, RewriteRecord, factorize
+from lrfx.passes.rewrite.refit import Refit, RefitOptions, estimate_memory, refit_factors
 
-__all__ = ["FactorizeOptions", "RewriteRecord", "factorize"]
+__all__ = ["FactorizeOptions", "Refit", "RefitOptions", "RewriteRecord", "estimate_memory",
+           "factorize", "refit_factors"]

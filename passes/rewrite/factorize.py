@@ -64,11 +64,15 @@ class FactorizeOptions:
             data-aware spectra carry their own).
         decompose: ``False`` builds the factored modules with uninitialized weights and computes
             no decomposition (to load saved weights into).
+        factors: Per layer, factor weights (layout order) and the last piece's bias chosen
+            elsewhere (:func:`~lrfx.passes.rewrite.refit_factors`), used instead of a
+            decomposition.
     """
 
     plan: RankPlan
     whitening: Mapping[str, Mapping[str, torch.Tensor]] | None = None
     decompose: bool = True
+    factors: Mapping[str, tuple[tuple[torch.Tensor, ...], torch.Tensor | None]] | None = None
 
 
 def _set_module(gm: nn.Module, path: str, module: nn.Module) -> None:
@@ -143,7 +147,15 @@ class _Builder:
             self._built[key] = f
             return f
         weights = None
-        if self.opts.decompose:
+        given = (self.opts.factors or {}).get(layer.name)
+        if given is not None:
+            weights = list(given[0])
+            if bias is not None:  # the refit bias, trainable like the layer's own
+                fitted = given[1]
+                assert fitted is not None
+                bias = fitted.to(dtype=bias.dtype, device=bias.device).requires_grad_(
+                    bias.requires_grad)
+        elif self.opts.decompose:
             check_finite(weight, layer.name)
             whiten = (self.opts.whitening or {}).get(layer.name)
             weights = scheme.factors(weight, g, lp.rank, spectra=self.spectra(layer, weight),
