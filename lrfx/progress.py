@@ -25,6 +25,29 @@ __all__ = ["INTERVAL", "QUIET", "progress_bar", "step"]
 
 log = logging.getLogger("lrfx.progress")
 
+
+class _Stderr(logging.Handler):
+    """Writes records to the stderr of the moment (tests and notebooks swap ``sys.stderr``)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:  # a closed stream must not break the work
+            self.handleError(record)
+
+
+#: The progress lines asked for with ``progress=True`` off a terminal: a logger of their own,
+#: shown on stderr whatever the logging configuration (the INFO records of ``log`` are the
+#: configurable channel); ``logging.getLogger("lrfx.progress.display").disabled = True``
+#: silences them.
+display = logging.getLogger("lrfx.progress.display")
+display.propagate = False
+display.setLevel(logging.INFO)
+_handler = _Stderr()
+_handler.setFormatter(logging.Formatter("lrfx: %(message)s"))
+display.addHandler(_handler)
+
 #: Seconds between two progress lines when stderr is not a terminal.
 INTERVAL = 5.0
 
@@ -40,7 +63,7 @@ def _tty() -> bool:
 
 
 def _line(text: str) -> None:
-    print(f"lrfx: {text}", file=sys.stderr, flush=True)
+    display.info("%s", text)
 
 
 @contextlib.contextmanager

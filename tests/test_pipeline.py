@@ -161,3 +161,22 @@ def test_passes_do_not_change_the_graph(gm: fx.GraphModule) -> None:
     assert str(gm.graph) == before
     assert gm.code == code
     assert not any(p.mutates for p in (propagate_shapes, annotate_costs, compute_spectra))
+
+
+def test_progress_lines_go_to_stderr_off_a_terminal(capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """With progress on and no terminal: one line per finished loop and step, on stderr only."""
+    from lrfx import progress
+
+    monkeypatch.setattr(progress, "QUIET", 0.0)
+    with progress.step("work", progress=True), progress.progress_bar("items", 3) as advance:
+        for _ in range(3):
+            advance()
+    with progress.step("quiet", progress=False):
+        pass
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.splitlines()
+    assert lines[0].startswith("lrfx: items 3/3 (")
+    assert lines[1].startswith("lrfx: work done in ")
+    assert len(lines) == 2

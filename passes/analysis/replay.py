@@ -22,7 +22,7 @@ from lrfx.facts import LayerFacts, get_node_facts
 from lrfx.plan import LayerPlan, RankPlan
 from lrfx.schemes import get_scheme
 
-__all__ = ["Replay", "lowrank_overrides", "lowrank_weight", "planned_layers"]
+__all__ = ["Replay", "lowrank_overrides", "lowrank_weight", "planned_layers", "relative_error"]
 
 
 class Replay(fx.Interpreter):
@@ -104,30 +104,33 @@ def lowrank_overrides(gm: fx.GraphModule, found: Mapping[str, list[tuple[fx.Node
             if leaf is None:
                 leaf = modules[layer.inside_leaf] = copy.deepcopy(
                     gm.get_submodule(layer.inside_leaf))
-            rel = layer.name[len(layer.inside_leaf) + 1:]
-            inner = leaf.get_submodule(rel)
-            w = inner.get_parameter("weight")
-            with torch.no_grad():
-                w.copy_(lowrank_weight(layer, lp, w.detach()))
+            _make_lowrank(leaf.get_submodule(layer.name[len(layer.inside_leaf) + 1:]), layer, lp)
         elif node.op == "get_attr" or node.op == "call_function":
-            t = gm.get_parameter(layer.weight) if _is_param(gm, layer.weight) \
-                else getattr(gm, layer.weight, None)
+            owner_path, _, attr = layer.weight.rpartition(".")
+            t = getattr(gm.get_submodule(owner_path) if owner_path else gm, attr, None)
             if isinstance(t, torch.Tensor) and not layer.weight_transposed:
                 attrs[layer.weight] = lowrank_weight(layer, lp, t.detach())
         elif node.op == "call_module":
-            m = copy.deepcopy(gm.get_submodule(layer.name))
-            w = m.get_parameter("weight")
-            with torch.no_grad():
-                w.copy_(lowrank_weight(layer, lp, w.detach()))
-            modules[layer.name] = m
+            modules[layer.name] = _make_lowrank(copy.deepcopy(gm.get_submodule(layer.name)),
+                                                layer, lp)
     return modules, attrs
 
 
-def _is_param(gm: fx.GraphModule, path: str) -> bool:
-    try:
-        gm.get_parameter(path)
-        return True
-    except AttributeError:
-        return False
+def _make_lowrank(module: nn.Module, layer: LayerFacts, lp: LayerPlan) -> nn.Module:
+    """``module`` (a copy) with its weight replaced, in place, by the low-rank one."""
+    w = module.get_parameter("weight")
+    with torch.no_grad():
+        w.copy_(lowrank_weight(layer, lp, w.detach()))
+    return module
+
+
+def relative_error(refs: Sequence[Any], outs: Sequence[Any]) -> float:
+    """``sum ||ref - out||^2 / sum ||ref||^2`` over the pairs that are tensors (float64)."""
+    num = den = 0.0
+    for a, b in zip(refs, outs, strict=True):
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            num += float((a.double() - b.double()).pow(2).sum())
+            den += float(a.double().pow(2).sum())
+    return num / den if den > 0 else 0.0
 
 

@@ -49,6 +49,8 @@ from torch.utils._pytree import tree_leaves
 from lrfx.errors import LrfxError, ShapeError
 from lrfx.facts import get_graph_facts, get_node_facts
 from lrfx.inputs import Inputs
+from lrfx.passes.analysis.activations import _statable, run_checked
+from lrfx.passes.analysis.replay import Replay, lowrank_overrides, planned_layers, relative_error
 from lrfx.pipeline import PassContext, graph_pass
 from lrfx.progress import progress_bar
 from lrfx.tracing import eval_mode
@@ -120,8 +122,6 @@ def layer_sensitivity(gm: fx.GraphModule, ctx: PassContext) -> Mapping[str, floa
         LrfxError: No batch, an unknown kind, or an output the kind cannot read.
         ShapeError: A batch does not fit the model (names the batch and the node).
     """
-    from lrfx.passes.analysis.activations import _statable, run_checked
-
     opts = ctx.option(SensitivityOptions)
     if opts.kind not in SENSITIVITIES:
         raise LrfxError(f"unknown sensitivity {opts.kind!r}; choose one of "
@@ -228,13 +228,6 @@ class SlopeOptions:
     power: float = 0.5
 
 
-def _relative_change(refs: list[torch.Tensor], outs: list[torch.Tensor]) -> float:
-    num = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(refs, outs,
-                                                                              strict=True))
-    den = sum(float(a.double().pow(2).sum()) for a in refs)
-    return num / den if den > 0 else 0.0
-
-
 @graph_pass(requires=["layers"], options=SlopeOptions)
 def measure_slopes(gm: fx.GraphModule, ctx: PassContext) -> Mapping[str, float]:
     """Per layer, the measured slope of the model's relative output error over the layer's own
@@ -244,8 +237,6 @@ def measure_slopes(gm: fx.GraphModule, ctx: PassContext) -> Mapping[str, float]:
     Writes nothing. Runs the graph in eval mode without gradients, with one layer replaced at a
     time (:class:`~lrfx.passes.analysis.replay.Replay`); no module is changed.
     """
-    from lrfx.passes.analysis.replay import Replay, lowrank_overrides, planned_layers
-
     opts = ctx.option(SlopeOptions)
     feeds = []
     spec = get_graph_facts(gm).input_spec
@@ -272,7 +263,7 @@ def measure_slopes(gm: fx.GraphModule, ctx: PassContext) -> Mapping[str, float]:
             if (not modules and not attrs) or predicted <= 0:
                 continue
             outs = [_output_tensor(Replay(gm, (), modules, attrs).run(*f)) for f in feeds]
-            slopes[name] = _relative_change(refs, outs) / predicted
+            slopes[name] = relative_error(refs, outs) / predicted
     every = []
     for node in gm.graph.nodes:
         nf = get_node_facts(node)

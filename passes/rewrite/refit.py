@@ -49,8 +49,13 @@ from lrfx.facts import LayerFacts, get_graph_facts
 from lrfx.inputs import Inputs
 from lrfx.layers import is_linear
 from lrfx.modules import Factored, build_factored
-from lrfx.passes.analysis.activations import BLOCK_ROWS, _pad_conv_input
-from lrfx.passes.analysis.replay import Replay, lowrank_overrides, planned_layers
+from lrfx.passes.analysis.activations import BLOCK_ROWS, _pad_conv_input, _patches
+from lrfx.passes.analysis.replay import (
+    Replay,
+    lowrank_overrides,
+    planned_layers,
+    relative_error,
+)
 from lrfx.pipeline import PassContext, graph_pass
 from lrfx.plan import LayerPlan, RankPlan
 from lrfx.progress import progress_bar
@@ -156,12 +161,8 @@ def _conv_dims(m: nn.Module) -> tuple[tuple[int, int], tuple[int, int], tuple[in
 
 def _padded(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
     """The conv's input as a padded 4-D batch (Conv1d as height 1)."""
-    if isinstance(m, nn.Conv1d):
-        p, _ = _pad_conv_input(x, m)
-        p = p.unsqueeze(-2)
-    else:
-        p, _ = _pad_conv_input(x, m)
-    return p
+    p, _ = _pad_conv_input(x, m)
+    return p.unsqueeze(-2) if isinstance(m, nn.Conv1d) else p
 
 
 def _rows(x: torch.Tensor, m: nn.Module, start: int, stop: int) -> torch.Tensor:
@@ -169,9 +170,7 @@ def _rows(x: torch.Tensor, m: nn.Module, start: int, stop: int) -> torch.Tensor:
     conv (``(samples * positions, C * kh * kw)``)."""
     if is_linear(m):
         return x[start:stop].reshape(-1, x.shape[-1])
-    k, s, d = _conv_dims(m)
-    cols = torch.nn.functional.unfold(_padded(x[start:stop], m), k, dilation=d, stride=s)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return _patches(_padded(x[start:stop], m), *_conv_dims(m))
 
 
 def _out_rows(y: torch.Tensor, m: nn.Module, start: int, stop: int) -> torch.Tensor:
@@ -317,8 +316,6 @@ def _why_not(gm: fx.GraphModule, uses: list[tuple[fx.Node, LayerFacts]]) -> str 
     if layer.weight_effective:
         return "its forward transforms the weight"
     m = gm.get_submodule(layer.name)
-    if not (is_linear(m) or isinstance(m, (nn.Conv1d, nn.Conv2d))) or not hasattr(m, "weight"):
-        return f"a {type(m).__name__}"
     if type(m) not in (nn.Linear, nn.Conv1d, nn.Conv2d):
         return f"a {type(m).__name__} (not a plain Linear/Conv)"
     return None
@@ -354,7 +351,7 @@ def refit_factors(gm: fx.GraphModule, ctx: PassContext) -> Refit:
     weights: dict[str, tuple[torch.Tensor, ...]] = {}
     biases: dict[str, torch.Tensor | None] = {}
     errors: dict[str, float] = {}
-    methods: dict[str, str] = {f"{n}": f"spectra ({why})" for n, why in kept.items()}
+    methods: dict[str, str] = {n: f"spectra ({why})" for n, why in kept.items()}
     by_node = {uses[0][0]: name for name, uses in found.items() if name not in kept}
     nodes = list(gm.graph.nodes)
     with eval_mode(gm), torch.no_grad(), progress_bar(
@@ -391,17 +388,8 @@ def refit_factors(gm: fx.GraphModule, ctx: PassContext) -> Refit:
                     raise ShapeError(exc.node, exc.target, exc.reason,
                                      inputs=f"calibration batch {k}") from exc
             if name is not None:
-                errors[name] = _relative_error(outs)
+                errors[name] = relative_error(*zip(*outs, strict=True))
     return Refit(weights, biases, errors, methods)
-
-
-def _relative_error(outs: Sequence[tuple[Any, Any]]) -> float:
-    num = den = 0.0
-    for o, w in outs:
-        if isinstance(o, torch.Tensor) and isinstance(w, torch.Tensor):
-            num += float((o.double() - w.double()).pow(2).sum())
-            den += float(o.double().pow(2).sum())
-    return num / den if den > 0 else 0.0
 
 
 def _fit(name: str, m: _Layer, lp: LayerPlan, layer: LayerFacts,
