@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs
         compress,
         count_macs,
         load,
+        profile_latency,
         recalibrate_bn,
         run_analysis,
         validate_plan,
@@ -55,6 +56,7 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs
     from lrfx.facts import GraphFacts, LayerFacts, NodeFacts, Spectrum, facts_of
     from lrfx.inputs import Inputs
     from lrfx.io import export, save
+    from lrfx.latency import LatencyModel, LatencyProfile
     from lrfx.layers import LinearLike, register_linear_like
     from lrfx.pipeline import (
         GraphPass,
@@ -79,6 +81,7 @@ _EXPORTS: dict[str, str] = {
     "compress": "lrfx.api",
     "count_macs": "lrfx.api",
     "load": "lrfx.api",
+    "profile_latency": "lrfx.api",
     "recalibrate_bn": "lrfx.api",
     "run_analysis": "lrfx.api",
     "validate_plan": "lrfx.api",
@@ -102,6 +105,8 @@ _EXPORTS: dict[str, str] = {
     "Spectrum": "lrfx.facts",
     "facts_of": "lrfx.facts",
     "Inputs": "lrfx.inputs",
+    "LatencyModel": "lrfx.latency",
+    "LatencyProfile": "lrfx.latency",
     "LinearLike": "lrfx.layers",
     "register_linear_like": "lrfx.layers",
     "export": "lrfx.io",

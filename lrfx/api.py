@@ -38,7 +38,7 @@ from lrfx.batches import model_inputs, take_batches
 from lrfx.config import SEQUENTIAL_MEMORY, CompressConfig
 from lrfx.cost import ConvGeometry, LinearGeometry
 from lrfx.decompositions import Spectrum, check_finite
-from lrfx.errors import LrfxError
+from lrfx.errors import BudgetInfeasibleError, LrfxError
 from lrfx.facts import (
     attach_facts,
     get_graph_facts,
@@ -47,12 +47,14 @@ from lrfx.facts import (
 )
 from lrfx.inputs import Inputs
 from lrfx.io import PLAN_FILE, WEIGHTS_FILE, verify_saved
+from lrfx.latency import LatencyModel, LatencyProfile, Probe
 from lrfx.modules import Factored
 from lrfx.passes.allocation import (
     ALLOCATORS,
     build_options,
     check_budget,
     fill_budget,
+    latency_options,
     make_budget,
     prefer_best_scheme,
     resolve_schemes,
@@ -70,6 +72,7 @@ from lrfx.passes.analysis import (
     measure_slopes,
     propagate_shapes,
 )
+from lrfx.passes.analysis.latency import LayerLatency, measure_layers
 from lrfx.passes.analysis.spectra import layer_weight
 from lrfx.passes.rewrite import (
     FactorizeOptions,
@@ -93,6 +96,7 @@ __all__ = [
     "compress",
     "count_macs",
     "load",
+    "profile_latency",
     "recalibrate_bn",
     "run_analysis",
     "validate_plan",
@@ -178,6 +182,44 @@ def analyze(
     check_module(model)
     gm = capture(model, example_inputs, leaf_modules=leaf_modules, mode=mode)
     return run_analysis(gm, example_inputs, spectra=spectra, progress=progress)
+
+
+def profile_latency(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    latency_model: LatencyModel | None = None,
+    leaf_modules: Sequence[type[nn.Module] | str] = (),
+    mode: str = "auto",
+) -> LatencyProfile:
+    """Where the time goes: the model's measured latency and each conv/linear layer's share.
+
+    The model runs whole (interleaved medians, :func:`lrfx.latency.time_models`); each layer is
+    timed alone at its calls' input shapes through ``latency_model`` (default: the model's
+    device and dtype, cached on disk). Layers with a low ``gmacs_per_s`` are the ones whose
+    MACs are cheap to cut and expensive to run.
+
+    Example:
+        >>> import torch, lrfx
+        >>> net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU())
+        >>> p = lrfx.profile_latency(net, torch.randn(8, 64))
+        >>> [x["layer"] for x in p.layers], p.model_ms > 0
+        (['0'], True)
+    """
+    check_module(model)
+    a = analyze(model, example_inputs, spectra=False, leaf_modules=leaf_modules, mode=mode)
+    lm = latency_model or _latency_model(model)
+    model_s = lm.time_models({"model": model}, example_inputs)["model"]
+    rows = []
+    for rec in a.layers:
+        calls = [g for g in rec.calls if not getattr(g, "transposed", False)]
+        if not calls or rec.kind not in ("linear", *(f"conv{d}d" for d in (1, 2, 3))):
+            continue
+        ms = 1e3 * sum(lm.measure([Probe(g) for g in calls]))
+        rows.append({"layer": rec.name, "kind": rec.kind, "macs": rec.macs, "ms": ms,
+                     "share": ms / (1e3 * model_s), "gmacs_per_s": rec.macs / max(ms, 1e-9) / 1e6})
+    return LatencyProfile(model_s * 1e3, tuple(rows), Inputs.of(example_inputs).describe(),
+                          torch.get_num_threads(), lm.environment)
 
 
 def count_macs(model: nn.Module, example_inputs: Any) -> int:
@@ -310,23 +352,66 @@ class _Allocation:
     curves: dict[str, dict[str, Any]]
     skipped: dict[str, str]
     warnings: tuple[str, ...]
+    #: With a latency budget: per layer ``(dense ms, planned ms)`` and the model's totals.
+    latency: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class _Timing:
+    """What a latency budget needs: the layer timer and the dense model's measured time."""
+
+    model: LatencyModel
+    dense_seconds: float
+    progress: bool = False
+    layers: dict[str, LayerLatency] = dataclasses.field(default_factory=dict)
 
 
 def _allocate(analysis: Analysis, cfg: CompressConfig,
               spectra: Mapping[str, Mapping[str, Spectrum]] | None = None,
-              weights: Mapping[str, float] | None = None) -> _Allocation:
+              weights: Mapping[str, float] | None = None,
+              timing: _Timing | None = None) -> _Allocation:
     """Allocation with everything the report needs: curves, layers left dense, warnings.
     ``weights``: loss-aware per-layer weights of the errors (the report keeps the unweighted
-    errors)."""
-    check_budget(cfg.macs, cfg.params)
-    budget = make_budget(cfg.macs, cfg.params, analysis.total_macs, analysis.total_params)
+    errors). ``timing``: the measurements a latency budget allocates on."""
+    check_budget(cfg.macs, cfg.params, cfg.latency)
     rules = cfg.rules()
     notes = [*rules.check_against([r.name for r in analysis.factorable],
                                   lambda n: analysis[n].types)]
     skipped: dict[str, str] = {}
-    options = build_options(analysis.layers, metric=budget.metric, schemes=cfg.scheme,
-                            round_to=cfg.round_to, spectra=spectra, rules=rules,
-                            skipped=skipped)
+    options = build_options(analysis.layers,
+                            metric="params" if cfg.params is not None else "macs",
+                            schemes=cfg.scheme, round_to=cfg.round_to, spectra=spectra,
+                            rules=rules, skipped=skipped)
+    if cfg.latency is not None:
+        if timing is None:
+            raise LrfxError("a latency budget is allocated on times measured on the model: use "
+                            "lrfx.compress(model, inputs, latency=...) (allocate() only knows "
+                            "the analysis)")
+        timing.layers.update(measure_layers(
+            [o for o in options if o.name not in timing.layers],
+            {o.name: analysis[o.name].calls for o in options}, timing.model,
+            progress=timing.progress))
+        options, slower = latency_options(options, timing.layers)
+        skipped.update({k: f"latency: {v}" for k, v in slower.items()})
+        dense_sum = sum(int(o.cost[0]) for o in options)
+        measured = round(timing.dense_seconds * 1e9)
+        if measured < dense_sum:
+            log.info("the factorable layers timed alone (%.3f ms) take longer than the whole "
+                     "model (%.3f ms); the latency budget is taken of their sum",
+                     dense_sum / 1e6, measured / 1e6)
+        total_ns = max(measured, dense_sum)
+        budget = make_budget(None, None, 0, 0, latency=cfg.latency, total_latency=total_ns)
+        fastest = total_ns - dense_sum + sum(int(o.cost.min()) for o in options)
+        if fastest > budget.target:
+            raise BudgetInfeasibleError(
+                f"latency={cfg.latency} cannot be met on this machine at these input shapes: "
+                f"with every layer in its fastest measured form the model is predicted at "
+                f"{fastest / 1e6:.3f} ms, {fastest / total_ns:.3f} of the dense "
+                f"{total_ns / 1e6:.3f} ms ({len(slower)} of {len(options)} layers have no "
+                "factored form faster than dense); raise the budget, or compress for the batch "
+                "size you deploy at (larger batches gain more from factoring)")
+    else:
+        budget = make_budget(cfg.macs, cfg.params, analysis.total_macs, analysis.total_params)
     fixed = budget.total - sum(int(o.cost[0]) for o in options)
     if weights is not None:
         weighted = [o.weighted(weights.get(o.name, 1.0)) for o in options]
@@ -343,13 +428,23 @@ def _allocate(analysis: Analysis, cfg: CompressConfig,
     used.update(metric=budget.metric, target=budget.target, fraction=budget.fraction,
                 scheme=cfg.scheme, round_to=cfg.round_to, whitened=whitened,
                 config=cfg.to_dict())
+    latency: dict[str, Any] = {}
+    if timing is not None and budget.metric == "latency":
+        per_layer = {o.name: (o.cost[0] / 1e6, choice[o.name].cost / 1e6) for o in options}
+        predicted = fixed + sum(c.cost for c in choice.values())
+        latency = {"layers": per_layer, "dense_ms": timing.dense_seconds * 1e3,
+                   "predicted_ms": predicted / 1e6, "predicted_ratio": predicted / budget.total,
+                   "environment": timing.model.environment}
+        used.update(latency_environment=timing.model.environment,
+                    dense_latency_ms=round(timing.dense_seconds * 1e3, 4),
+                    predicted_latency_ms=round(predicted / 1e6, 4))
     plan = to_plan(choice, cfg.allocator, used).resolve(analysis)
     errors = {name: c.error for name, c in choice.items() if c.scheme != "dense"}
     curves: dict[str, dict[str, Any]] = {}
     bounded = rules.active or cfg.round_to is not None
     for o in options:
         c = choice[o.name]
-        if c.scheme == "dense":
+        if c.scheme == "dense" and o.name not in skipped:
             skipped[o.name] = (
                 "no factored form is cheaper than dense"
                 + (" within its rank bounds / error cap" if bounded else "")
@@ -381,7 +476,7 @@ def _allocate(analysis: Analysis, cfg: CompressConfig,
                 "bound them with min_rank= / max_error=, or exclude= them")
     for note in notes:
         log.warning("%s", note)
-    return _Allocation(plan, errors, curves, skipped, tuple(notes))
+    return _Allocation(plan, errors, curves, skipped, tuple(notes), latency)
 
 
 # --- rewriting ------------------------------------------------------------------------------------
@@ -405,8 +500,8 @@ def as_plan(plan: Any) -> RankPlan:
 def _report(before: Analysis, plan: RankPlan, errors: Mapping[str, float] | None, *,
             allocator: str = "", scheme: str = "", whitened: bool = False,
             seconds: float = 0.0, allocation: _Allocation | None = None,
-            config: CompressConfig | None = None, refit: Refit | None = None
-            ) -> CompressionReport:
+            config: CompressConfig | None = None, refit: Refit | None = None,
+            latency: Mapping[str, Any] | None = None) -> CompressionReport:
     rows = []
     for name, lp in plan.factored.items():
         rec = before[name]
@@ -423,6 +518,10 @@ def _report(before: Analysis, plan: RankPlan, errors: Mapping[str, float] | None
         if refit is not None:
             rows[-1]["output_error"] = refit.errors.get(name)
             rows[-1]["fit"] = refit.methods.get(name)
+        if latency and name in latency.get("layers", {}):
+            before_ms, after_ms = latency["layers"][name]
+            rows[-1]["latency_before_ms"] = before_ms
+            rows[-1]["latency_after_ms"] = after_ms
     budget = {k: plan.settings[k] for k in ("metric", "target", "fraction") if k in plan.settings}
     return CompressionReport(
         mode=before.mode,
@@ -443,6 +542,7 @@ def _report(before: Analysis, plan: RankPlan, errors: Mapping[str, float] | None
         curves={} if allocation is None else allocation.curves,
         warnings=() if allocation is None else allocation.warnings,
         config={} if config is None else config.to_dict(),
+        latency={k: v for k, v in (latency or {}).items() if k != "layers"},
     )
 
 
@@ -716,6 +816,7 @@ def compress(
     *,
     macs: float | int | None = None,
     params: float | int | None = None,
+    latency: float | None = None,
     allocator: str | None = None,
     scheme: str | None = None,
     calibration: Iterable[Any] | None = None,
@@ -734,9 +835,10 @@ def compress(
     precision: str | None = None,
     mode: str | None = None,
     verify: bool | None = None,
+    latency_model: LatencyModel | None = None,
     **settings: Any,
 ) -> nn.Module:
-    """Compress ``model`` to a MACs or parameter budget in one call.
+    """Compress ``model`` to a MACs, parameter or latency budget in one call.
 
     Traces the model (a copy: the caller's model is never modified), computes spectra (whitened
     by the calibration data when given) with their singular vectors, allocates ranks for the
@@ -749,7 +851,14 @@ def compress(
             ``(args, kwargs)`` (shapes for MACs).
         config: A :class:`lrfx.CompressConfig`, its dict, or the path of its JSON; the keyword
             arguments override its fields (``None``: as configured).
-        macs, params: The budget (exactly one): a fraction in (0, 1] or an absolute count.
+        macs, params: The budget (exactly one of these and ``latency``): a fraction in (0, 1]
+            or an absolute count.
+        latency: A latency budget: a fraction in (0, 1] of the dense model's latency, measured
+            on this machine at ``example_inputs``' shapes (batch size included), on the model's
+            device and dtype. Each factorable layer's dense and factored forms are timed at a
+            few candidate ranks (cached on disk, :mod:`lrfx.latency`); only forms measured
+            faster than dense are candidates, so no layer gets slower. The compressed model is
+            timed against the dense one afterwards: ``report.latency``.
         allocator: ``lc`` (default), ``energy``, ``global_sigma`` or ``uniform``.
         scheme: ``auto`` (per layer, the scheme with the lowest error for the cost) or one of
             ``channel``, ``spatial``, ``tucker2``; Linear layers always use ``svd``.
@@ -772,6 +881,9 @@ def compress(
             rows and columns), ``float64`` or ``float32``.
         mode: Capture: ``auto``, ``fx`` or ``module``.
         verify: Check the plan's schemes at full rank against the model (see :func:`apply`).
+        latency_model: How layers are timed for a latency budget (a
+            :class:`lrfx.latency.LatencyModel`: its timer and cache); default: wall-clock
+            timing on the model's device, cached under :func:`lrfx.latency.cache_dir`.
         settings: Allocator settings, e.g. ``rank_min=5`` for ``global_sigma``.
 
     Returns:
@@ -794,13 +906,14 @@ def compress(
     """
     t0 = time.perf_counter()
     check_module(model)
-    cfg = _config(config, settings, macs=macs, params=params, allocator=allocator,
-                  scheme=scheme, round_to=round_to, exclude=exclude, min_rank=min_rank,
-                  max_rank=max_rank, max_error=max_error, calibration_batches=calibration_batches,
+    cfg = _config(config, settings, macs=macs, params=params, latency=latency,
+                  allocator=allocator, scheme=scheme, round_to=round_to, exclude=exclude,
+                  min_rank=min_rank, max_rank=max_rank, max_error=max_error,
+                  calibration_batches=calibration_batches,
                   calibration_inputs=calibration_inputs, recalibrate=recalibrate,
                   sequential=sequential, sensitivity=sensitivity, precision=precision,
                   mode=mode, verify=verify)
-    check_budget(cfg.macs, cfg.params)
+    check_budget(cfg.macs, cfg.params, cfg.latency)
     with step("calibration data", progress, enabled=calibration is not None):
         batches = None if calibration is None else _calibration_batches(model, calibration, cfg)
     with step("capture", progress):
@@ -824,8 +937,14 @@ def compress(
             weights = layer_sensitivity(gm, PassContext(progress=progress, options=[
                 SensitivityOptions(calibration=batches, kind=cfg.sensitivity,
                                    run=_runner(gm))]))
+    timing = None
+    if cfg.latency is not None:
+        lm = latency_model or _latency_model(model)
+        with step("latency of the dense model", progress):
+            dense_s = lm.time_models({"dense": model}, example_inputs)["dense"]
+        timing = _Timing(lm, dense_s, progress)
     with step("allocation", progress):
-        alloc = _allocate(before, cfg, weights=weights)
+        alloc = _allocate(before, cfg, weights=weights, timing=timing)
     if batches is not None and cfg.sensitivity == "measured" and alloc.plan.factored:
         if get_graph_facts(gm).capture.mode == "module":
             raise LrfxError("sensitivity='measured' replays the traced graph; this model was "
@@ -834,7 +953,7 @@ def compress(
             weights = measure_slopes(gm, PassContext(progress=progress, options=[
                 SlopeOptions(calibration=batches, plan=alloc.plan, errors=alloc.errors)]))
         with step("allocation (loss-aware)", progress):
-            alloc = _allocate(before, cfg, weights=weights)
+            alloc = _allocate(before, cfg, weights=weights, timing=timing)
     refit, why_not = None, "no calibration data"
     if batches is not None and alloc.plan.factored:
         refit, why_not = _sequential(gm, alloc.plan, batches, cfg, progress)
@@ -850,10 +969,15 @@ def compress(
         with step("BatchNorm recalibration", progress):
             recalibrate_bn(result, batches if result is not gm else
                            [_feed(gm, b) for b in batches])
+    latency_report: dict[str, Any] = {}
+    if timing is not None:
+        with step("latency of the result", progress):
+            latency_report = _measured_latency(timing.model, model, result, example_inputs,
+                                               alloc.latency)
     report = _report(before, alloc.plan, alloc.errors, allocator=cfg.allocator,
                      scheme=cfg.scheme, whitened=batches is not None,
                      seconds=time.perf_counter() - t0, allocation=alloc, config=cfg,
-                     refit=refit)
+                     refit=refit, latency=latency_report)
     facts = update_graph_facts(gm, plan=alloc.plan, report=report, rewrites=records)
     if result is not gm:
         attach_facts(result, facts.replace(capture=dataclasses.replace(facts.capture, root=None)))
@@ -861,6 +985,27 @@ def compress(
              type(model).__name__, report.macs_ratio,
              report.params_after / max(report.params_before, 1), len(report), report.seconds)
     return result
+
+
+def _latency_model(model: nn.Module) -> LatencyModel:
+    """The default layer timer: the model's device and floating dtype, the disk cache."""
+    p = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()),
+             None)
+    return LatencyModel(device=p.device if p is not None else "cpu",
+                        dtype=p.dtype if p is not None else torch.float32)
+
+
+def _measured_latency(lm: LatencyModel, model: nn.Module, result: nn.Module, example_inputs: Any,
+                      planned: Mapping[str, Any]) -> dict[str, Any]:
+    """Dense and compressed models timed side by side, next to the allocator's prediction."""
+    t = lm.time_models({"dense": model, "compressed": result}, example_inputs)
+    out = {k: v for k, v in planned.items() if k != "layers"}
+    out.update(dense_ms=t["dense"] * 1e3, compressed_ms=t["compressed"] * 1e3,
+               ratio=t["compressed"] / t["dense"], threads=torch.get_num_threads(),
+               inputs=Inputs.of(example_inputs).describe(), layers=planned.get("layers", {}))
+    log.info("latency %.3f ms -> %.3f ms (%.3fx measured, %.3fx predicted)", out["dense_ms"],
+             out["compressed_ms"], out["ratio"], out.get("predicted_ratio", float("nan")))
+    return out
 
 
 def _sequential(gm: fx.GraphModule, plan: RankPlan, batches: Sequence[Any], cfg: CompressConfig,

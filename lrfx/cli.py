@@ -41,6 +41,21 @@ def _analyze(args: argparse.Namespace) -> int:
     model, default = load_model(args.model)
     inputs = _inputs_for(args.model, args.input, default)
     progress = not args.no_progress
+    if args.latency:
+        from lrfx.api import profile_latency
+
+        with torch.no_grad():
+            profile = profile_latency(model, inputs)
+        if args.json is not None:
+            text = json.dumps(profile.to_dict(), indent=2)
+            if args.json == "-":
+                print(text)
+                return 0
+            Path(args.json).write_text(text + "\n")
+        print(profile.table())
+        if args.json is not None:
+            print(f"wrote {args.json}")
+        return 0
     with torch.no_grad():
         result = analyze(model, inputs, spectra=not args.no_spectra, progress=progress)
     if args.json is not None:
@@ -280,15 +295,16 @@ def _compress(args: argparse.Namespace) -> int:
         return None if v is None else int(v) if v > 1 and float(v).is_integer() else v
 
     cfg = CompressConfig.of(
-        args.config, macs=budget(args.macs), params=budget(args.params),
+        args.config, macs=budget(args.macs), params=budget(args.params), latency=args.latency,
         allocator=args.allocator, scheme=args.scheme, round_to=args.round_to,
         exclude=tuple(args.exclude) if args.exclude else None,
         min_rank=_rank_setting(args.min_rank, "min_rank", int),
         max_rank=_rank_setting(args.max_rank, "max_rank", int),
         max_error=_rank_setting(args.max_error, "max_error", float),
         sequential=False if args.no_sequential else None)
-    if cfg.macs is None and cfg.params is None:
-        raise LrfxError("give a budget: --macs 0.5 or --params 0.5 (or in --config)")
+    if cfg.macs is None and cfg.params is None and cfg.latency is None:
+        raise LrfxError("give a budget: --macs 0.5, --params 0.5 or --latency 0.6 (or in "
+                        "--config)")
     out = _prepare_output(args.output, args.force)
     progress = not args.no_progress
     model, default = load_model(args.model)
@@ -385,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--singular-values", action="store_true",
                    help="include every singular value in the JSON")
     p.add_argument("--no-spectra", action="store_true", help="skip the singular values")
+    p.add_argument("--latency", action="store_true",
+                   help="measure where the time goes instead: the model's latency and each "
+                   "conv/linear layer's, timed on this machine at the --input shapes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_analyze)
 
@@ -400,13 +419,18 @@ def build_parser() -> argparse.ArgumentParser:
         "-o out/\n"
         "  lrfx compress mypkg.nets:fmnist_net --macs 0.3 --calibration fashion-mnist "
         "--input 1x1x28x28 -o out/\n"
-        "  lrfx compress torchvision:mobilenet_v2 --params 0.6 --round-to 8 -o out/\n",
+        "  lrfx compress torchvision:mobilenet_v2 --params 0.6 --round-to 8 -o out/\n"
+        "  lrfx compress torchvision:resnet50 --latency 0.6 --input 32x3x224x224 -o out/\n",
     )
     p.add_argument("model", metavar="MODEL", help="as for lrfx analyze")
     p.add_argument("--macs", type=float, metavar="B",
                    help="MACs budget: a fraction in (0, 1] or an absolute count")
     p.add_argument("--params", type=float, metavar="B",
                    help="parameter budget: a fraction in (0, 1] or an absolute count")
+    p.add_argument("--latency", type=float, metavar="F",
+                   help="latency budget: a fraction in (0, 1] of the dense model's latency "
+                   "measured on this machine at the --input shapes (layers timed and cached; "
+                   "no layer is made slower)")
     p.add_argument("--config", metavar="FILE",
                    help="a JSON lrfx.CompressConfig (budget, allocator, exclusions, rank "
                    "bounds...); the flags below override its fields")

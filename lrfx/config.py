@@ -105,8 +105,12 @@ class CompressConfig:
     """Everything :func:`lrfx.compress` decides by (all fields optional but the budget).
 
     Attributes:
-        macs, params: The budget (exactly one): a fraction of the model's total in (0, 1] or
-            an absolute count.
+        macs, params: The budget (exactly one of these and ``latency``): a fraction of the
+            model's total in (0, 1] or an absolute count.
+        latency: A latency budget: a fraction in (0, 1] of the dense model's latency measured on
+            this machine at the example inputs' shapes; ranks are allocated on measured per-layer
+            times (:mod:`lrfx.latency`) and a layer is never factored into a slower form.
+            Needs ``allocator="lc"``.
         allocator: ``lc`` (default), ``energy``, ``global_sigma`` or ``uniform``.
         scheme: ``auto`` or one of the allocatable schemes (``channel``, ``spatial``,
             ``tucker2``); Linear layers always use ``svd``.
@@ -142,6 +146,7 @@ class CompressConfig:
 
     macs: float | int | None = None
     params: float | int | None = None
+    latency: float | None = None
     allocator: str = "lc"
     scheme: str = "auto"
     round_to: int | None = None
@@ -166,8 +171,15 @@ class CompressConfig:
         set_ = object.__setattr__
         set_(self, "macs", _budget(self.macs, "macs"))
         set_(self, "params", _budget(self.params, "params"))
-        if self.macs is not None and self.params is not None:
-            raise LrfxError("give one budget, macs= or params=, not both")
+        lat = self.latency
+        if lat is not None:
+            if isinstance(lat, bool) or not isinstance(lat, (int, float)) or not (
+                    0 < lat <= 1):
+                raise LrfxError(f"latency must be a fraction in (0, 1] of the dense model's "
+                                f"measured latency, got {lat!r}")
+            set_(self, "latency", float(lat))
+        if sum(b is not None for b in (self.macs, self.params, self.latency)) > 1:
+            raise LrfxError("give one budget, macs=, params= or latency=, not several")
         for name, valid in (("allocator", _ALLOCATORS), ("precision", _PRECISIONS),
                             ("mode", _MODES)):
             v = getattr(self, name)
@@ -175,6 +187,10 @@ class CompressConfig:
                 close = difflib.get_close_matches(str(v), valid, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise LrfxError(f"unknown {name} {v!r}{hint}; choose one of {', '.join(valid)}")
+        if self.latency is not None and self.allocator != "lc":
+            raise LrfxError(f"a latency budget is allocated by the lc knapsack on measured "
+                            f"per-layer times; allocator {self.allocator!r} ranks layers by its "
+                            "own rule: use allocator='lc' (the default) or a macs= budget")
         if not isinstance(self.scheme, str):
             raise LrfxError(f"scheme must be a string ('auto' or a scheme name), got "
                             f"{self.scheme!r}")
@@ -246,9 +262,9 @@ class CompressConfig:
         given = {k: v for k, v in overrides.items() if v is not None}
         if not given:
             return base
-        if ("macs" in given or "params" in given):  # a budget given replaces the configured one
-            given.setdefault("macs", None)
-            given.setdefault("params", None)
+        if given.keys() & {"macs", "params", "latency"}:  # a budget replaces the configured one
+            for k in ("macs", "params", "latency"):
+                given.setdefault(k, None)
         return base.replace(**given)
 
     def replace(self, **changes: Any) -> CompressConfig:

@@ -69,6 +69,12 @@ class CompressionReport:
             pair); the energy kept is ``1 - error``. Empty without spectra (``lrfx.load``).
         warnings: What the caller should look at (layers compressed to near-uselessness...).
         config: The settings of the call (a :class:`lrfx.CompressConfig` as a dict).
+        latency: With a latency budget: ``dense_ms`` and ``compressed_ms`` (the two models timed
+            side by side after the rewrite), ``ratio`` (measured), ``predicted_ms`` and
+            ``predicted_ratio`` (the allocator's sum of measured layer times), ``threads``,
+            ``inputs`` and ``environment`` (what the times depend on); each layer row then has
+            ``latency_before_ms`` / ``latency_after_ms`` (its dense and planned forms timed
+            alone). Empty otherwise.
     """
 
     layers: tuple[Mapping[str, Any], ...]
@@ -89,6 +95,7 @@ class CompressionReport:
     curves: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
     config: Mapping[str, Any] = field(default_factory=dict)
+    latency: Mapping[str, Any] = field(default_factory=dict)
 
     def __iter__(self) -> Iterator[Mapping[str, Any]]:
         return iter(self.layers)
@@ -121,6 +128,7 @@ class CompressionReport:
             "skipped": dict(self.skipped),
             "warnings": list(self.warnings),
             "config": dict(self.config),
+            "latency": dict(self.latency),
             "layers": [dict(x) for x in self.layers],
             "curves": {k: dict(v) for k, v in self.curves.items()},
         }
@@ -135,6 +143,11 @@ class CompressionReport:
             cols.append("measured")
             for r, x in zip(rows, self.layers, strict=True):
                 r.append("-" if x.get("output_error") is None else f"{x['output_error']:.4f}")
+        if self.latency:
+            cols += ["ms before", "ms after"]
+            for r, x in zip(rows, self.layers, strict=True):
+                for k in ("latency_before_ms", "latency_after_ms"):
+                    r.append("-" if x.get(k) is None else f"{x[k]:.3f}")
         width = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
 
         def line(r: Sequence[str]) -> str:
@@ -153,6 +166,8 @@ class CompressionReport:
             f"factored ({how}{', whitened' if self.whitened else ''}"
             f"{', sequential' if self.sequential else ''}) in {self.seconds:.1f} s"
         )
+        if self.latency:
+            out.append(self.latency_line())
         if self.mode == "module":
             out.append(f"captured in module mode ({self.mode_reason}): the factored layers were "
                        "substituted into a copy of the model, which keeps its class")
@@ -162,6 +177,16 @@ class CompressionReport:
                        "report.md)")
         out += [f"warning: {w}" for w in self.warnings]
         return "\n".join(out)
+
+    def latency_line(self) -> str:
+        """The measured latency in one line (empty without a latency budget)."""
+        lat = self.latency
+        if not lat:
+            return ""
+        return (f"latency {lat['dense_ms']:.3f} ms -> {lat['compressed_ms']:.3f} ms measured "
+                f"({lat['ratio']:.3f}x; predicted {lat.get('predicted_ratio', float('nan')):.3f}x)"
+                f" at inputs {lat.get('inputs', '?')}, {lat.get('threads', '?')} threads; "
+                "ms before/after: each layer's dense and planned forms timed alone")
 
     def error_definition(self) -> str:
         """What the ``error`` column means, in one sentence."""

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: The core: what every pass builds on.
 CORE = (
-    "analysis", "cost", "decompositions", "errors", "facts", "frozen", "inputs", "io",
+    "analysis", "cost", "decompositions", "errors", "facts", "frozen", "inputs", "io", "latency",
     "layers", "modules", "pipeline", "plan", "progress", "report", "schemes", "tracing",
     "_version",
 )

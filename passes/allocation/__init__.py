@@ -20,6 +20,7 @@ from lrfx.passes.allocation.candidates import (
     check_budget,
     check_reachable,
     cost_of,
+    latency_options,
     make_budget,
     resolve_schemes,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "allocate_uniform",
     "build_options",
     "check_budget",
+    "latency_options",
     "check_reachable",
     "cost_of",
     "fill_budget",

@@ -38,6 +38,7 @@ __all__ = [
     "check_budget",
     "check_reachable",
     "cost_of",
+    "latency_options",
     "make_budget",
     "resolve_schemes",
 ]
@@ -223,7 +224,8 @@ class LayerOptions:
 
 @dataclass(frozen=True)
 class Budget:
-    """A cost target: ``metric`` is ``macs`` or ``params``; ``target`` is absolute."""
+    """A cost target: ``metric`` is ``macs``, ``params`` or ``latency`` (in nanoseconds, see
+    :func:`latency_options`); ``target`` is absolute."""
 
     metric: str
     target: int
@@ -234,20 +236,29 @@ class Budget:
         return self.target / self.total if self.total else 1.0
 
 
-def check_budget(macs: float | int | None, params: float | int | None) -> tuple[str, float]:
-    """Validate ``macs=`` / ``params=`` without the model's totals; returns (metric, value).
+def check_budget(macs: float | int | None, params: float | int | None,
+                 latency: float | None = None) -> tuple[str, float]:
+    """Validate ``macs=`` / ``params=`` / ``latency=`` without the model's totals; returns
+    (metric, value).
 
     Raises:
-        LrfxError: Neither or both given, not a number, zero, negative, or a fraction above 1.
+        LrfxError: None or several given, not a number, zero, negative, or a fraction above 1
+            (``latency`` is always a fraction of the dense model's measured latency).
     """
-    if (macs is None) == (params is None):
-        raise LrfxError("give exactly one budget: macs=... or params=... (a fraction of the "
-                        "model's total, e.g. macs=0.5, or an absolute count)")
-    metric, value = ("macs", macs) if macs is not None else ("params", params)
+    given = [(m, v) for m, v in (("macs", macs), ("params", params), ("latency", latency))
+             if v is not None]
+    if len(given) != 1:
+        raise LrfxError("give exactly one budget: macs=..., params=... (a fraction of the "
+                        "model's total, e.g. macs=0.5, or an absolute count) or latency=... (a "
+                        "fraction of the dense model's measured latency)")
+    metric, value = given[0]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise LrfxError(f"{metric} budget must be a number, got {value!r}")
     if value <= 0:
         raise LrfxError(f"{metric} budget must be positive, got {value}")
+    if metric == "latency" and value > 1:
+        raise LrfxError(f"latency={value} must be a fraction in (0, 1] of the dense model's "
+                        "measured latency")
     if isinstance(value, float) and value > 1.0:
         raise LrfxError(f"{metric}={value} is a fraction above 1; give a fraction in (0, 1] "
                         "or an absolute count as an int")
@@ -255,15 +266,17 @@ def check_budget(macs: float | int | None, params: float | int | None) -> tuple[
 
 
 def make_budget(
-    macs: float | int | None, params: float | int | None, total_macs: int, total_params: int
+    macs: float | int | None, params: float | int | None, total_macs: int, total_params: int,
+    latency: float | None = None, total_latency: int = 0,
 ) -> Budget:
-    """Validate ``macs=`` / ``params=`` (a fraction in (0, 1] or an absolute count) as a Budget.
+    """Validate the budget (see :func:`check_budget`) as a :class:`Budget`; a latency budget's
+    total is ``total_latency`` in nanoseconds.
 
     Raises:
-        LrfxError: Neither or both given, zero, negative, or a fraction above 1.
+        LrfxError: None or several given, zero, negative, or a fraction above 1.
     """
-    metric, value = check_budget(macs, params)
-    total = total_macs if metric == "macs" else total_params
+    metric, value = check_budget(macs, params, latency)
+    total = {"macs": total_macs, "params": total_params, "latency": total_latency}[metric]
     target = int(value * total) if isinstance(value, float) else int(value)
     return Budget(metric, target, total)
 
@@ -387,3 +400,46 @@ def check_reachable(options: Sequence[LayerOptions], fixed: int, budget: Budget)
             f"({cheapest / budget.total:.3f} of the total) with every factorable layer at its "
             "lowest rank; raise the budget or allow more schemes"
         )
+
+
+#: A factored form must be measured at least this much faster than dense (a fraction of the
+#: dense time) to be a latency candidate: timing noise must not make a layer slower.
+MIN_SPEEDUP = 0.03
+
+
+def latency_options(
+    options: Sequence[LayerOptions],
+    measured: Mapping[str, Any],
+    *,
+    min_speedup: float = MIN_SPEEDUP,
+) -> tuple[list[LayerOptions], dict[str, str]]:
+    """The options of a latency budget: measured candidates, cost in nanoseconds.
+
+    Each layer keeps dense (its measured time) and the candidates that were timed (``measured``
+    maps a layer to a :class:`~lrfx.passes.analysis.latency.LayerLatency`) *and* ran at least
+    ``min_speedup`` faster than dense: a latency plan never factors a layer into something
+    slower. Errors are the layer's, as for any budget.
+
+    Returns:
+        The new options, and ``{layer: why}`` for layers left with dense only.
+    """
+    out: list[LayerOptions] = []
+    dense_only: dict[str, str] = {}
+    for o in options:
+        lat = measured[o.name]
+        dense_ns = max(1, round(lat.dense * 1e9))
+        limit = lat.dense * (1.0 - min_speedup)
+        keep = [i for i in sorted(lat.times) if lat.times[i] < limit]
+        cands = [Candidate("dense", None, dense_ns, 0.0, int(o.macs[0]), int(o.params[0]))]
+        for i in keep:
+            c = o.candidate(i)
+            cands.append(Candidate(c.scheme, c.rank, max(1, round(lat.times[i] * 1e9)),
+                                   c.error, c.macs, c.params))
+        if not keep and len(o) > 1:
+            dense_only[o.name] = (
+                f"no factored form measured faster than dense (best {lat.best():.2f}x of its "
+                f"{lat.dense * 1e3:.3f} ms)" if lat.times else "no factored form was timed")
+        new = LayerOptions(o.name, cands, o.spectra)
+        new.weight = o.weight  # errors already carry it
+        out.append(new)
+    return out, dense_only

@@ -2,6 +2,7 @@
 
 from lrfx.passes.analysis.activations import CalibrationOptions, collect_input_stats
 from lrfx.passes.analysis.costs import annotate_costs
+from lrfx.passes.analysis.latency import LayerLatency, measure_layers
 from lrfx.passes.analysis.sensitivity import (
     SensitivityOptions,
     SlopeOptions,
@@ -13,6 +14,7 @@ from lrfx.passes.analysis.spectra import SpectraOptions, compute_spectra
 
 __all__ = [
     "CalibrationOptions",
+    "LayerLatency",
     "SensitivityOptions",
     "SlopeOptions",
     "SpectraOptions",
@@ -20,6 +22,7 @@ __all__ = [
     "collect_input_stats",
     "compute_spectra",
     "layer_sensitivity",
+    "measure_layers",
     "measure_slopes",
     "propagate_shapes",
 ]
