@@ -364,6 +364,8 @@ class _Timing:
     dense_seconds: float
     progress: bool = False
     layers: dict[str, LayerLatency] = dataclasses.field(default_factory=dict)
+    #: The lowest budget fraction reachable: every layer in its fastest measured form.
+    floor: float = 0.0
 
 
 def _allocate(analysis: Analysis, cfg: CompressConfig,
@@ -402,6 +404,7 @@ def _allocate(analysis: Analysis, cfg: CompressConfig,
         total_ns = max(measured, dense_sum)
         budget = make_budget(None, None, 0, 0, latency=cfg.latency, total_latency=total_ns)
         fastest = total_ns - dense_sum + sum(int(o.cost.min()) for o in options)
+        timing.floor = fastest / total_ns
         if fastest > budget.target:
             raise BudgetInfeasibleError(
                 f"latency={cfg.latency} cannot be met on this machine at these input shapes: "
@@ -954,6 +957,9 @@ def compress(
                 SlopeOptions(calibration=batches, plan=alloc.plan, errors=alloc.errors)]))
         with step("allocation (loss-aware)", progress):
             alloc = _allocate(before, cfg, weights=weights, timing=timing)
+    if timing is not None and alloc.plan.factored:
+        alloc = _correct_latency(alloc, before, cfg, weights, timing, model, example_inputs,
+                                 leaf_modules)
     refit, why_not = None, "no calibration data"
     if batches is not None and alloc.plan.factored:
         refit, why_not = _sequential(gm, alloc.plan, batches, cfg, progress)
@@ -985,6 +991,62 @@ def compress(
              type(model).__name__, report.macs_ratio,
              report.params_after / max(report.params_before, 1), len(report), report.seconds)
     return result
+
+
+#: How many times a latency plan is re-allocated when the whole model, measured, misses it.
+LATENCY_CORRECTIONS = 2
+
+#: A measured latency ratio within this relative tolerance of the budget counts as met (noise).
+LATENCY_TOLERANCE = 0.02
+
+
+def _correct_latency(alloc: _Allocation, before: Analysis, cfg: CompressConfig,
+                     weights: Mapping[str, float] | None, timing: _Timing, model: nn.Module,
+                     example_inputs: Any, leaf_modules: Sequence[type[nn.Module] | str]
+                     ) -> _Allocation:
+    """Close the loop on the whole model: layers timed alone do not add up exactly to the model
+    (the glue between the pieces, memory traffic, cache effects), so the plan is applied and the
+    model timed against the dense one; while the measured ratio misses the budget, the budget
+    handed to the allocator is lowered (first in proportion, then along the secant through the
+    last two tries; at most :data:`LATENCY_CORRECTIONS` times). The plan kept is the one with
+    the largest allocated budget among those measured within the budget (else the fastest).
+    Each try is recorded in ``plan.settings["latency_tries"]``."""
+    assert cfg.latency is not None
+    target = fraction = cfg.latency
+    tries: list[tuple[float, float, _Allocation]] = []
+    for i in range(LATENCY_CORRECTIONS + 1):
+        trial = apply(model, alloc.plan, example_inputs, leaf_modules=leaf_modules,
+                      mode=cfg.mode)
+        t = timing.model.time_models({"dense": model, "compressed": trial}, example_inputs)
+        measured = t["compressed"] / t["dense"]
+        tries.append((fraction, measured, alloc))
+        log.info("latency plan for %.3f: predicted %.3fx, measured %.3fx", fraction,
+                 float(alloc.latency.get("predicted_ratio", 0)), measured)
+        if measured <= target * (1 + LATENCY_TOLERANCE) or i == LATENCY_CORRECTIONS:
+            break
+        nxt = fraction * target / measured
+        if len(tries) >= 2:
+            (f1, m1, _), (f2, m2, _) = tries[-2], tries[-1]
+            if m2 != m1 and (f2 - f1) / (m2 - m1) > 0:
+                nxt = f2 + (target - m2) * (f2 - f1) / (m2 - m1)
+        if fraction <= timing.floor * 1.001:
+            break  # already the fastest plan the measurements allow
+        fraction = min(max(nxt, timing.floor * 1.0001), fraction * 0.99)
+        try:
+            alloc = _allocate(before, cfg.replace(latency=fraction), weights=weights,
+                              timing=timing)
+        except BudgetInfeasibleError:
+            break
+    met = [x for x in tries if x[1] <= target * (1 + LATENCY_TOLERANCE)]
+    chosen = max(met, key=lambda x: x[0]) if met else min(tries, key=lambda x: x[1])
+    best = chosen[2]
+    record = [{"budget": round(f, 4),
+               "predicted": round(float(a.latency.get("predicted_ratio", 0)), 4),
+               "measured": round(m, 4)} for f, m, a in tries]
+    settings = {**best.plan.settings, "latency_tries": record, "fraction": target,
+                "allocated_fraction": round(chosen[0], 4),
+                "config": {**best.plan.settings.get("config", {}), "latency": target}}
+    return dataclasses.replace(best, plan=dataclasses.replace(best.plan, settings=settings))
 
 
 def _latency_model(model: nn.Module) -> LatencyModel:

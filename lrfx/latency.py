@@ -173,14 +173,15 @@ class Probe:
 class Timed:
     """A job for a :class:`Timer`: ``make()`` returns the zero-argument callable to time.
 
-    ``probe`` is set for layer probes (a fake timer can price them from the geometry); ``key``
-    names the job.
+    ``probe`` is set for layer probes (a fake timer can price them from the geometry), ``module``
+    for whole models; ``key`` names the job.
     """
 
     key: str
     make: Callable[[], Callable[[], Any]]
     probe: Probe | None = None
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    module: nn.Module | None = None
 
 
 class Timer(Protocol):
@@ -198,12 +199,15 @@ class WallTimer:
         min_repeats, max_repeats: Timed runs of each job (at least / at most).
         time_cap: Once every job has ``min_repeats`` runs, stop after this many seconds of the
             group's timed runs.
+        slow_repeats: When one round of the group (timed during warm-up) takes so long that
+            ``min_repeats`` rounds would exceed three times ``time_cap``, this many suffice.
     """
 
     warmup: int = 2
     min_repeats: int = 3
-    max_repeats: int = 15
-    time_cap: float = 1.0
+    max_repeats: int = 50
+    time_cap: float = 0.5
+    slow_repeats: int = 3
 
     def __call__(self, jobs: Sequence[Timed]) -> list[float]:
         fns = [j.make() for j in jobs]
@@ -215,13 +219,18 @@ class WallTimer:
 
         times: list[list[float]] = [[] for _ in fns]
         with torch.inference_mode():
+            t0 = time.perf_counter()
             for fn in fns:
                 for _ in range(self.warmup):
                     fn()
             sync()
+            round_s = (time.perf_counter() - t0) / max(self.warmup, 1)
+            least = self.min_repeats
+            if round_s * self.min_repeats > 3 * self.time_cap:
+                least = min(least, self.slow_repeats)
             spent = 0.0
             for rnd in range(self.max_repeats):
-                if rnd >= self.min_repeats and spent >= self.time_cap:
+                if rnd >= least and spent >= self.time_cap:
                     break
                 shift = rnd % len(fns)  # rotate the order: no job always runs first
                 for i in [*range(shift, len(fns)), *range(shift)]:
@@ -359,7 +368,7 @@ class LatencyModel:
 
 
 #: How whole models are timed by default: more repeats than a layer, a longer cap.
-MODEL_TIMER = WallTimer(warmup=2, min_repeats=7, max_repeats=30, time_cap=4.0)
+MODEL_TIMER = WallTimer(warmup=2, min_repeats=7, max_repeats=200, time_cap=3.0)
 
 
 def time_models(models: Mapping[str, nn.Module], example_inputs: Any, *,
@@ -381,7 +390,7 @@ def time_models(models: Mapping[str, nn.Module], example_inputs: Any, *,
             def make(m: nn.Module = m, call: Inputs = call) -> Callable[[], Any]:
                 return lambda: call.call(m)
 
-            jobs.append(Timed(f"model:{name}", make, None, dev))
+            jobs.append(Timed(f"model:{name}", make, None, dev, m))
         return dict(zip(models, timer(jobs), strict=True))
 
 
