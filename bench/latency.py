@@ -14,7 +14,9 @@ Fashion-MNIST ResNet-20):
   the MACs plan measured at batch ``b`` (equal measured latency: compare MACs and accuracy;
   skipped where the MACs plan is not faster than dense);
 * ``latencyL@b``: ``latency=L`` for each ``L`` of ``--latency-budgets`` (0.5 is the issue's
-  target); a budget the machine cannot reach is recorded with lrfx's error message.
+  target); a budget the machine cannot reach is recorded with lrfx's error message;
+* ``latencyL@1+32``: ``latency=L, latency_batch_sizes=(1, 32)``: one plan for every batch size
+  (no layer slower at any of them; the budget applies to the mean ratio).
 
 Every plan is then timed against the dense model at *every* batch size, interleaved in one
 :func:`lrfx.latency.time_models` call per batch size (medians), so a plan made for batch 1 is also
@@ -86,6 +88,15 @@ def _describe(gm: torch.nn.Module) -> dict[str, Any]:
     return out
 
 
+def _profile(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """Where the dense model's time goes: its conv/linear layers timed alone, and the rest."""
+    p = lrfx.profile_latency(model, x)
+    top = sorted(p.layers, key=lambda r: -r["ms"])[:5]
+    return {"model_ms": p.model_ms, "layers_ms": p.layers_ms,
+            "rest_share": max(0.0, 1 - p.layers_ms / p.model_ms),
+            "slowest": [{k: r[k] for k in ("layer", "ms", "gmacs_per_s")} for r in top]}
+
+
 def _onnx(models: dict[str, torch.nn.Module], x: torch.Tensor, threads: int) -> dict[str, float]:
     import onnxruntime as ort
 
@@ -117,6 +128,9 @@ def main() -> None:
     ap.add_argument("--onnx", action="store_true", help="also time resnet50 in onnxruntime")
     ap.add_argument("--calibration", type=int, default=1024)
     ap.add_argument("--latency-budgets", default="0.5,0.7,0.9")
+    ap.add_argument("--profile-only", action="store_true",
+                    help="only (re)measure where the time goes (lrfx.profile_latency) and merge "
+                    "it into the JSON")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
@@ -147,7 +161,12 @@ def main() -> None:
                     yte: torch.Tensor = yte) -> float:
                 return accuracy(m, xte, yte)
 
-        res: dict[str, Any] = {"plans": {}, "timings": {}}
+        profiles = {str(b): _profile(model, xs[b]) for b in batches}
+        if args.profile_only:
+            results["models"].setdefault(name, {})["profile"] = profiles
+            OUT.write_text(json.dumps(results, indent=1) + "\n")
+            continue
+        res: dict[str, Any] = {"plans": {}, "timings": {}, "profile": profiles}
         results["models"][name] = res
         kw: dict[str, Any] = {} if cal is None else {"calibration": cal}
         plans: dict[str, torch.nn.Module] = {}
@@ -168,6 +187,16 @@ def main() -> None:
                     continue
                 try:
                     plans[label] = lrfx.compress(model, xs[b], latency=min(budget, 1.0), **kw)
+                except BudgetInfeasibleError as e:
+                    res["plans"][label] = {"infeasible": str(e)}
+                    print(f"  {label}: infeasible: {e}", flush=True)
+        if len(batches) > 1:
+            both = "+".join(str(b) for b in batches)
+            for v in args.latency_budgets.split(","):
+                label = f"latency{v}@{both}"
+                try:
+                    plans[label] = lrfx.compress(model, xs[b0], latency=float(v),
+                                                 latency_batch_sizes=batches, **kw)
                 except BudgetInfeasibleError as e:
                     res["plans"][label] = {"infeasible": str(e)}
                     print(f"  {label}: infeasible: {e}", flush=True)
@@ -201,7 +230,8 @@ def main() -> None:
         res["wall_seconds"] = round(time.perf_counter() - t_model)
         results["load_average_end"] = list(os.getloadavg())
         OUT.write_text(json.dumps(results, indent=1) + "\n")
-    plot(results)
+    if not args.profile_only:
+        plot(results)
 
 
 def plot(results: dict[str, Any]) -> None:

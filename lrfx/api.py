@@ -24,6 +24,7 @@ import difflib
 import inspect
 import logging
 import math
+import statistics
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -51,6 +52,7 @@ from lrfx.latency import LatencyModel, LatencyProfile, Probe
 from lrfx.modules import Factored
 from lrfx.passes.allocation import (
     ALLOCATORS,
+    MIN_SPEEDUP,
     build_options,
     check_budget,
     fill_budget,
@@ -358,7 +360,8 @@ class _Allocation:
 
 @dataclasses.dataclass
 class _Timing:
-    """What a latency budget needs: the layer timer and the dense model's measured time."""
+    """What a latency budget needs: the layer timer and the dense model's measured time, at the
+    example inputs' batch size and at every other batch size of ``latency_batch_sizes``."""
 
     model: LatencyModel
     dense_seconds: float
@@ -366,6 +369,75 @@ class _Timing:
     layers: dict[str, LayerLatency] = dataclasses.field(default_factory=dict)
     #: The lowest budget fraction reachable: every layer in its fastest measured form.
     floor: float = 0.0
+    #: The example inputs' batch size.
+    batch: int = 1
+    #: Other batch sizes: ``{b: (dense model seconds, inputs at b)}``.
+    extra: dict[int, tuple[float, Any]] = dataclasses.field(default_factory=dict)
+    #: Layer times at the other batch sizes.
+    extra_layers: dict[int, dict[str, LayerLatency]] = dataclasses.field(default_factory=dict)
+
+
+def _at_batch(g: Any, factor: float) -> Any:
+    """A layer geometry at another batch size (rows of a Linear scale with the batch)."""
+    if isinstance(g, LinearGeometry):
+        return dataclasses.replace(g, rows=max(1, round(g.rows * factor)))
+    return dataclasses.replace(g, batch=max(1, round(g.batch * factor)))
+
+
+def _batched(example_inputs: Any, batch: int) -> tuple[int, Inputs]:
+    """``(the example's batch size, the inputs at batch)``: every tensor input cycled or cut
+    along its first dimension, which must be the batch."""
+    inputs = Inputs.of(example_inputs)
+    sizes = {t.shape[0] for t in inputs.tensors() if t.dim() >= 1}
+    if len(sizes) != 1:
+        raise LrfxError(f"latency_batch_sizes resizes the example inputs along their first "
+                        f"dimension, which must be the batch in every tensor; got shapes "
+                        f"{inputs.describe()}")
+    (b0,) = sizes
+    idx = torch.arange(batch) % b0
+    return b0, inputs.map_tensors(lambda t: t[idx.to(t.device)] if t.dim() >= 1 else t)
+
+
+def _measured_layers(options: Sequence[Any], analysis: Analysis, timing: _Timing
+                     ) -> tuple[dict[str, LayerLatency], str]:
+    """Every layer's times, combined over the batch sizes (see :func:`_combine`)."""
+    todo = [o for o in options if o.name not in timing.layers]
+    timing.layers.update(measure_layers(
+        todo, {o.name: analysis[o.name].calls for o in todo}, timing.model,
+        progress=timing.progress))
+    if not timing.extra:
+        return timing.layers, ""
+    for b in timing.extra:
+        have = timing.extra_layers.setdefault(b, {})
+        todo = [o for o in options if o.name not in have]
+        f = b / timing.batch
+        have.update(measure_layers(
+            todo, {o.name: [_at_batch(g, f) for g in analysis[o.name].calls] for o in todo},
+            timing.model, progress=timing.progress))
+    sizes = ", ".join(str(b) for b in sorted([timing.batch, *timing.extra]))
+    return {o.name: _combine(o.name, timing) for o in options}, f" at every batch size ({sizes})"
+
+
+def _combine(name: str, timing: _Timing) -> LayerLatency:
+    """One layer's times over several batch sizes, in seconds at the example's batch size: each
+    batch size's time relative to the dense model's there, averaged, times the dense model's time
+    at the example's batch. A form slower than dense at *any* batch size is dropped."""
+    per = [(timing.layers[name], timing.dense_seconds)] + [
+        (timing.extra_layers[b][name], timing.extra[b][0]) for b in timing.extra]
+
+    def mean(values: Iterable[float]) -> float:
+        return timing.dense_seconds * sum(values) / len(per)
+
+    dense = mean(lat.dense / t for lat, t in per)
+    times = {}
+    for i in per[0][0].times:
+        if not all(i in lat.times for lat, _ in per):
+            continue
+        if all(lat.times[i] < lat.dense * (1 - MIN_SPEEDUP) for lat, _ in per):
+            times[i] = mean(lat.times[i] / t for lat, t in per)
+        else:  # slower somewhere: priced at its worst batch size, so it is never a candidate
+            times[i] = dense * max(lat.times[i] / lat.dense for lat, _ in per)
+    return LayerLatency(name, dense, times)
 
 
 def _allocate(analysis: Analysis, cfg: CompressConfig,
@@ -389,12 +461,9 @@ def _allocate(analysis: Analysis, cfg: CompressConfig,
             raise LrfxError("a latency budget is allocated on times measured on the model: use "
                             "lrfx.compress(model, inputs, latency=...) (allocate() only knows "
                             "the analysis)")
-        timing.layers.update(measure_layers(
-            [o for o in options if o.name not in timing.layers],
-            {o.name: analysis[o.name].calls for o in options}, timing.model,
-            progress=timing.progress))
-        options, slower = latency_options(options, timing.layers)
-        skipped.update({k: f"latency: {v}" for k, v in slower.items()})
+        measured_layers, where = _measured_layers(options, analysis, timing)
+        options, slower = latency_options(options, measured_layers)
+        skipped.update({k: f"latency: {v}{where}" for k, v in slower.items()})
         dense_sum = sum(int(o.cost[0]) for o in options)
         measured = round(timing.dense_seconds * 1e9)
         if measured < dense_sum:
@@ -823,6 +892,7 @@ def compress(
     allocator: str | None = None,
     scheme: str | None = None,
     calibration: Iterable[Any] | None = None,
+    latency_batch_sizes: Sequence[int] | None = None,
     round_to: int | None = None,
     exclude: Sequence[Any] | None = None,
     min_rank: int | Mapping[str, int] | None = None,
@@ -862,6 +932,9 @@ def compress(
             few candidate ranks (cached on disk, :mod:`lrfx.latency`); only forms measured
             faster than dense are candidates, so no layer gets slower. The compressed model is
             timed against the dense one afterwards: ``report.latency``.
+        latency_batch_sizes: With ``latency``, also time at these batch sizes: no layer gets
+            slower at any of them, and the budget applies to the mean ratio (see
+            :class:`lrfx.CompressConfig`).
         allocator: ``lc`` (default), ``energy``, ``global_sigma`` or ``uniform``.
         scheme: ``auto`` (per layer, the scheme with the lowest error for the cost) or one of
             ``channel``, ``spatial``, ``tucker2``; Linear layers always use ``svd``.
@@ -910,6 +983,8 @@ def compress(
     t0 = time.perf_counter()
     check_module(model)
     cfg = _config(config, settings, macs=macs, params=params, latency=latency,
+                  latency_batch_sizes=None if latency_batch_sizes is None else tuple(
+                      latency_batch_sizes),
                   allocator=allocator, scheme=scheme, round_to=round_to, exclude=exclude,
                   min_rank=min_rank, max_rank=max_rank, max_error=max_error,
                   calibration_batches=calibration_batches,
@@ -945,7 +1020,13 @@ def compress(
         lm = latency_model or _latency_model(model)
         with step("latency of the dense model", progress):
             dense_s = lm.time_models({"dense": model}, example_inputs)["dense"]
-        timing = _Timing(lm, dense_s, progress)
+            timing = _Timing(lm, dense_s, progress)
+            if cfg.latency_batch_sizes:
+                timing.batch = _batched(example_inputs, 1)[0]
+                for b in cfg.latency_batch_sizes:
+                    if b != timing.batch:
+                        xb = _batched(example_inputs, b)[1]
+                        timing.extra[b] = (lm.time_models({"dense": model}, xb)["dense"], xb)
     with step("allocation", progress):
         alloc = _allocate(before, cfg, weights=weights, timing=timing)
     if batches is not None and cfg.sensitivity == "measured" and alloc.plan.factored:
@@ -978,7 +1059,7 @@ def compress(
     latency_report: dict[str, Any] = {}
     if timing is not None:
         with step("latency of the result", progress):
-            latency_report = _measured_latency(timing.model, model, result, example_inputs,
+            latency_report = _measured_latency(timing, model, result, example_inputs,
                                                alloc.latency)
     report = _report(before, alloc.plan, alloc.errors, allocator=cfg.allocator,
                      scheme=cfg.scheme, whitened=batches is not None,
@@ -1008,7 +1089,8 @@ def _correct_latency(alloc: _Allocation, before: Analysis, cfg: CompressConfig,
     (the glue between the pieces, memory traffic, cache effects), so the plan is applied and the
     model timed against the dense one; while the measured ratio misses the budget, the budget
     handed to the allocator is lowered (first in proportion, then along the secant through the
-    last two tries; at most :data:`LATENCY_CORRECTIONS` times). The plan kept is the one with
+    last two tries, at most twice the proportional step; at most :data:`LATENCY_CORRECTIONS`
+    times). The plan kept is the one with
     the largest allocated budget among those measured within the budget (else the fastest).
     Each try is recorded in ``plan.settings["latency_tries"]``."""
     assert cfg.latency is not None
@@ -1017,18 +1099,23 @@ def _correct_latency(alloc: _Allocation, before: Analysis, cfg: CompressConfig,
     for i in range(LATENCY_CORRECTIONS + 1):
         trial = apply(model, alloc.plan, example_inputs, leaf_modules=leaf_modules,
                       mode=cfg.mode)
-        t = timing.model.time_models({"dense": model, "compressed": trial}, example_inputs)
-        measured = t["compressed"] / t["dense"]
+        measured = statistics.mean(
+            r["ratio"] for r in _side_by_side(timing, model, trial, example_inputs).values())
         tries.append((fraction, measured, alloc))
         log.info("latency plan for %.3f: predicted %.3fx, measured %.3fx", fraction,
                  float(alloc.latency.get("predicted_ratio", 0)), measured)
         if measured <= target * (1 + LATENCY_TOLERANCE) or i == LATENCY_CORRECTIONS:
             break
-        nxt = fraction * target / measured
+        proportional = fraction * target / measured
+        nxt = proportional
         if len(tries) >= 2:
             (f1, m1, _), (f2, m2, _) = tries[-2], tries[-1]
             if m2 != m1 and (f2 - f1) / (m2 - m1) > 0:
-                nxt = f2 + (target - m2) * (f2 - f1) / (m2 - m1)
+                # the secant, but never more than twice the proportional step: a measured ratio
+                # that hardly moved (noise, glue the layers do not show) must not send the
+                # budget to the floor
+                nxt = max(f2 + (target - m2) * (f2 - f1) / (m2 - m1),
+                          fraction - 2 * (fraction - proportional))
         if fraction <= timing.floor * 1.001:
             break  # already the fastest plan the measurements allow
         fraction = min(max(nxt, timing.floor * 1.0001), fraction * 0.99)
@@ -1057,14 +1144,28 @@ def _latency_model(model: nn.Module) -> LatencyModel:
                         dtype=p.dtype if p is not None else torch.float32)
 
 
-def _measured_latency(lm: LatencyModel, model: nn.Module, result: nn.Module, example_inputs: Any,
-                      planned: Mapping[str, Any]) -> dict[str, Any]:
+def _side_by_side(timing: _Timing, model: nn.Module, result: nn.Module, example_inputs: Any
+                  ) -> dict[int, dict[str, float]]:
+    """Dense and compressed models timed side by side at every batch size of the budget."""
+    inputs = {timing.batch: example_inputs, **{b: x for b, (_, x) in timing.extra.items()}}
+    out = {}
+    for b, x in inputs.items():
+        t = timing.model.time_models({"dense": model, "compressed": result}, x)
+        out[b] = {"dense_ms": t["dense"] * 1e3, "compressed_ms": t["compressed"] * 1e3,
+                  "ratio": t["compressed"] / t["dense"]}
+    return out
+
+
+def _measured_latency(timing: _Timing, model: nn.Module, result: nn.Module,
+                      example_inputs: Any, planned: Mapping[str, Any]) -> dict[str, Any]:
     """Dense and compressed models timed side by side, next to the allocator's prediction."""
-    t = lm.time_models({"dense": model, "compressed": result}, example_inputs)
+    per = _side_by_side(timing, model, result, example_inputs)
     out = {k: v for k, v in planned.items() if k != "layers"}
-    out.update(dense_ms=t["dense"] * 1e3, compressed_ms=t["compressed"] * 1e3,
-               ratio=t["compressed"] / t["dense"], threads=torch.get_num_threads(),
+    out.update(per[timing.batch], threads=torch.get_num_threads(),
                inputs=Inputs.of(example_inputs).describe(), layers=planned.get("layers", {}))
+    if timing.extra:
+        out["batches"] = {str(b): v for b, v in sorted(per.items())}
+        out["mean_ratio"] = statistics.mean(v["ratio"] for v in per.values())
     log.info("latency %.3f ms -> %.3f ms (%.3fx measured, %.3fx predicted)", out["dense_ms"],
              out["compressed_ms"], out["ratio"], out.get("predicted_ratio", float("nan")))
     return out

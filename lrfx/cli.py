@@ -283,6 +283,16 @@ def _rank_setting(values: Sequence[str] | None, argument: str, kind: type) -> An
                         f"LAYER=NUMBER (repeatable); got {list(values)}") from None
 
 
+def _batch_sizes(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise LrfxError(f"--latency-batch-sizes takes integers separated by commas (1,32), got "
+                        f"{text!r}") from None
+
+
 def _compress(args: argparse.Namespace) -> int:
     import torch
 
@@ -296,6 +306,7 @@ def _compress(args: argparse.Namespace) -> int:
 
     cfg = CompressConfig.of(
         args.config, macs=budget(args.macs), params=budget(args.params), latency=args.latency,
+        latency_batch_sizes=_batch_sizes(args.latency_batch_sizes),
         allocator=args.allocator, scheme=args.scheme, round_to=args.round_to,
         exclude=tuple(args.exclude) if args.exclude else None,
         min_rank=_rank_setting(args.min_rank, "min_rank", int),
@@ -431,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latency budget: a fraction in (0, 1] of the dense model's latency "
                    "measured on this machine at the --input shapes (layers timed and cached; "
                    "no layer is made slower)")
+    p.add_argument("--latency-batch-sizes", metavar="B,B",
+                   help="with --latency, also time at these batch sizes (e.g. 1,32): no layer "
+                   "is made slower at any of them; the budget is their mean latency ratio")
     p.add_argument("--config", metavar="FILE",
                    help="a JSON lrfx.CompressConfig (budget, allocator, exclusions, rank "
                    "bounds...); the flags below override its fields")

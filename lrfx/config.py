@@ -111,6 +111,10 @@ class CompressConfig:
             this machine at the example inputs' shapes; ranks are allocated on measured per-layer
             times (:mod:`lrfx.latency`) and a layer is never factored into a slower form.
             Needs ``allocator="lc"``.
+        latency_batch_sizes: With a latency budget, also time at these batch sizes (the example
+            inputs cycled or cut along their first dimension): a layer is factored only into
+            forms measured faster than dense at *every* batch size, and the budget is met by the
+            mean of the latency ratios over them. Empty: the example inputs' batch size only.
         allocator: ``lc`` (default), ``energy``, ``global_sigma`` or ``uniform``.
         scheme: ``auto`` or one of the allocatable schemes (``channel``, ``spatial``,
             ``tucker2``); Linear layers always use ``svd``.
@@ -147,6 +151,7 @@ class CompressConfig:
     macs: float | int | None = None
     params: float | int | None = None
     latency: float | None = None
+    latency_batch_sizes: tuple[int, ...] = ()
     allocator: str = "lc"
     scheme: str = "auto"
     round_to: int | None = None
@@ -187,6 +192,17 @@ class CompressConfig:
                 close = difflib.get_close_matches(str(v), valid, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise LrfxError(f"unknown {name} {v!r}{hint}; choose one of {', '.join(valid)}")
+        sizes = self.latency_batch_sizes
+        if isinstance(sizes, int) and not isinstance(sizes, bool):
+            sizes = (sizes,)
+        if not isinstance(sizes, (tuple, list)) or any(
+                isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
+            raise LrfxError(f"latency_batch_sizes must be positive integers, got {sizes!r}")
+        set_(self, "latency_batch_sizes", tuple(sorted(set(sizes))))
+        if self.latency_batch_sizes and self.latency is None and (
+                self.macs is not None or self.params is not None):
+            raise LrfxError("latency_batch_sizes applies to a latency budget (latency=...), not "
+                            "to a macs= or params= budget")
         if self.latency is not None and self.allocator != "lc":
             raise LrfxError(f"a latency budget is allocated by the lc knapsack on measured "
                             f"per-layer times; allocator {self.allocator!r} ranks layers by its "
@@ -289,6 +305,8 @@ class CompressConfig:
             raise LrfxError(f"unknown config field {unknown[0]!r}{hint}; fields: "
                             f"{', '.join(sorted(names))}")
         kw = dict(data)
+        if isinstance(kw.get("latency_batch_sizes"), list):
+            kw["latency_batch_sizes"] = tuple(kw["latency_batch_sizes"])
         if isinstance(kw.get("exclude"), list):
             kw["exclude"] = tuple(kw["exclude"])
         if isinstance(kw.get("calibration_inputs"), list):

@@ -72,7 +72,9 @@ class CompressionReport:
         latency: With a latency budget: ``dense_ms`` and ``compressed_ms`` (the two models timed
             side by side after the rewrite), ``ratio`` (measured), ``predicted_ms`` and
             ``predicted_ratio`` (the allocator's sum of measured layer times), ``threads``,
-            ``inputs`` and ``environment`` (what the times depend on); each layer row then has
+            ``inputs`` and ``environment`` (what the times depend on), with
+            ``latency_batch_sizes`` also ``batches`` (the same per batch size) and
+            ``mean_ratio`` (what the budget applies to); each layer row then has
             ``latency_before_ms`` / ``latency_after_ms`` (its dense and planned forms timed
             alone). Empty otherwise.
     """
@@ -183,9 +185,10 @@ class CompressionReport:
         lat = self.latency
         if not lat:
             return ""
+        per = "".join(f"; batch {b}: {v['ratio']:.3f}x" for b, v in lat.get("batches", {}).items())
         return (f"latency {lat['dense_ms']:.3f} ms -> {lat['compressed_ms']:.3f} ms measured "
                 f"({lat['ratio']:.3f}x; predicted {lat.get('predicted_ratio', float('nan')):.3f}x)"
-                f" at inputs {lat.get('inputs', '?')}, {lat.get('threads', '?')} threads; "
+                f" at inputs {lat.get('inputs', '?')}, {lat.get('threads', '?')} threads{per}; "
                 "ms before/after: each layer's dense and planned forms timed alone")
 
     def error_definition(self) -> str:

@@ -127,15 +127,25 @@ def _markdown(report: CompressionReport, figures: Sequence[Path], note: str) -> 
         return f"{a / b:.3f}x" if b else "-"
 
     md = ["# lrfx compression report", ""]
-    md += _table(["", "before", "after", "ratio"], [
+    totals = [
         ["MACs", f"{report.macs_before:,}", f"{report.macs_after:,}",
          ratio(report.macs_after, report.macs_before)],
         ["parameters", f"{report.params_before:,}", f"{report.params_after:,}",
          ratio(report.params_after, report.params_before)],
-    ])
+    ]
+    lat = report.latency
+    if lat:
+        totals.append(["latency (ms, measured)", f"{lat['dense_ms']:.3f}",
+                       f"{lat['compressed_ms']:.3f}", f"{lat['ratio']:.3f}x"])
+    md += _table(["", "before", "after", "ratio"], totals)
     budget = report.budget
     how = [f"- factored layers: {len(report.layers)}; left dense: {len(report.skipped)}"]
-    if budget:
+    if budget and budget.get("metric") == "latency":
+        how.append(f"- budget: latency {budget.get('fraction', 0):.3f} of the dense model's "
+                   f"measured latency; predicted {lat.get('predicted_ratio', 0):.3f}x, measured "
+                   f"{lat.get('ratio', 0):.3f}x at inputs {lat.get('inputs', '?')}, "
+                   f"{lat.get('threads', '?')} threads ({lat.get('environment', '')})")
+    elif budget:
         how.append(f"- budget: {budget.get('metric')} {budget.get('fraction', 0):.3f} of the "
                    f"model ({budget.get('target', 0):,})")
     if report.allocator:
@@ -159,15 +169,25 @@ def _markdown(report: CompressionReport, figures: Sequence[Path], note: str) -> 
         md += [f"![{f.stem}]({f.name})", ""]
     md += ["## Factored layers", ""]
     extra = ["measured", "fit"] if report.sequential else []
+    timed = ["ms before", "ms after"] if lat else []
+
+    def ms(v: Any) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
     md += _table(["layer", "scheme", "rank", "MACs before", "MACs after", "params before",
-                  "params after", "error", *extra],
+                  "params after", "error", *extra, *timed],
                  [[f"`{r['layer']}`", r["scheme"], _rank_text(r["rank"]),
                    f"{r['macs_before']:,}", f"{r['macs_after']:,}", f"{r['params_before']:,}",
                    f"{r['params_after']:,}",
                    "-" if r.get("error") is None else f"{r['error']:.4f}",
                    *(["-" if r.get("output_error") is None else f"{r['output_error']:.4f}",
-                      str(r.get("fit") or "-")] if extra else [])]
+                      str(r.get("fit") or "-")] if extra else []),
+                   *([ms(r.get("latency_before_ms")), ms(r.get("latency_after_ms"))]
+                     if timed else [])]
                   for r in report.layers])
+    if timed:
+        md += ["", "**ms before / after**: each layer's dense and planned forms timed alone at "
+               "its input shape (what the allocator added up)."]
     md += ["", "## Layers left dense", ""]
     if report.skipped:
         md += _table(["layer", "why"], [[f"`{k}`", v] for k, v in report.skipped.items()])

@@ -43,28 +43,29 @@ SECONDS_PER_MAC = 1e-9
 LAUNCH = 5e-4  # seconds per kernel: factoring a small layer costs more than it saves
 
 
-def _price(p: Probe) -> float:
+def _price(p: Probe, launch: float = LAUNCH) -> float:
     g = p.geometry
     if p.scheme == "dense":
-        return dense_cost(g).macs * SECONDS_PER_MAC + LAUNCH
+        return dense_cost(g).macs * SECONDS_PER_MAC + launch
     s = get_scheme(p.scheme)
     assert p.rank is not None
     rank = p.rank[0] if len(p.rank) == 1 else p.rank
     pieces = s.layout(g, s.ranks(rank))
-    return s.cost(g, rank).macs * SECONDS_PER_MAC + LAUNCH * len(pieces)
+    return s.cost(g, rank).macs * SECONDS_PER_MAC + launch * len(pieces)
 
 
 class FakeTimer:
     """Prices probes with :func:`_price`; whole models by a fixed table. Counts its jobs."""
 
-    def __init__(self, models: dict[str, float] | None = None) -> None:
+    def __init__(self, models: dict[str, float] | None = None, launch: float = LAUNCH) -> None:
         self.jobs: list[str] = []
         self.models = models or {}
+        self.launch = launch
 
     def __call__(self, jobs: Sequence[Timed]) -> list[float]:
         self.jobs += [j.key for j in jobs]
-        return [_price(j.probe) if j.probe is not None else self.models.get(j.key, 1e-3)
-                for j in jobs]
+        return [_price(j.probe, self.launch) if j.probe is not None
+                else self.models.get(j.key, 1e-3) for j in jobs]
 
 
 def _mlp() -> nn.Module:
@@ -252,11 +253,53 @@ def test_compress_to_a_latency_budget_with_known_costs(tmp_path) -> None:
         assert rows[name]["latency_after_ms"] == pytest.approx(fac * 1e3)
     assert "ms after" in report.table() and "0.500x; predicted" in report.table()
     assert report.to_dict()["latency"]["dense_ms"] == pytest.approx(40.0)
+    report.write(tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| latency (ms, measured) | 40.000 | 20.000 | 0.500x |" in md
+    assert "ms after" in md and "budget: latency 0.500" in md
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     # the same call again measures nothing new
     n = len(timer.jobs)
     lrfx.compress(model, x, latency=0.5, latency_model=lm)
     assert len(timer.jobs) == n + 5  # only whole models: dense, then the plan tried and final
+
+
+def test_latency_batch_sizes_never_slow_a_layer_at_any_of_them() -> None:
+    # with a 50 us launch cost, the 512 -> 8 classifier's factored forms pay off at 64 rows and
+    # lose at 1 row; the 512 x 512 layers win at both
+    model, x = _mlp(), torch.randn(64, 512)
+    models = {"model:dense": 20e-3, "model:compressed": 10e-3}
+    one = lrfx.compress(model, x, latency=0.5, latency_model=LatencyModel(
+        timer=FakeTimer(models, launch=5e-5), cache=None, environment="fake"))
+    assert "latency:" not in lrfx.facts_of(one).report.skipped.get("4", "")
+    timer = FakeTimer(models, launch=5e-5)
+    both = lrfx.compress(model, x, latency=0.5, latency_batch_sizes=[64, 1],
+                         latency_model=LatencyModel(timer=timer, cache=None, environment="fake"))
+    facts = lrfx.facts_of(both)
+    why = facts.report.skipped["4"]
+    assert why.startswith("latency: no factored form measured faster") and "(1, 64)" in why
+    assert set(facts.plan.factored) == {"0", "2"}
+    for name in ("0", "2"):  # faster at both batch sizes
+        r = int(facts.plan[name].rank)
+        for rows in (1, 64):
+            g = LinearGeometry(512, 512, rows=rows)
+            assert _price(Probe(g, "svd", (r,)), 5e-5) < _price(Probe(g), 5e-5)
+    assert any('"rows":1}' in k for k in timer.jobs)  # the layers were timed at batch 1
+    lat = facts.report.latency
+    assert set(lat["batches"]) == {"1", "64"} and lat["mean_ratio"] == pytest.approx(0.5)
+    assert facts.plan.settings["config"]["latency_batch_sizes"] == [1, 64]
+    assert "batch 1: 0.500x" in facts.report.latency_line()
+    with pytest.raises(LrfxError, match="latency_batch_sizes applies to a latency budget"):
+        lrfx.CompressConfig(macs=0.5, latency_batch_sizes=(1, 32))
+    with pytest.raises(LrfxError, match="positive integers"):
+        lrfx.CompressConfig(latency=0.5, latency_batch_sizes=(0,))
+    from lrfx.api import _batched
+
+    b0, big = _batched({"a": torch.arange(3.0)[:, None], "n": 7}, 5)
+    assert b0 == 3 and big.kwargs["a"].flatten().tolist() == [0, 1, 2, 0, 1]
+    assert big.kwargs["n"] == 7
+    with pytest.raises(LrfxError, match="first dimension"):
+        _batched((x, torch.randn(3, 2)), 8)
 
 
 class ParamTimer(FakeTimer):
@@ -358,3 +401,15 @@ def test_cli_latency_budget_and_profile(tmp_path, monkeypatch, capsys) -> None:
     capsys.readouterr()
     assert main(["compress", small, "--input", "2x3x32x32", "-o", str(tmp_path / "o2")]) == 2
     assert "--latency 0.6" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_latency_on_cuda_is_synchronized_and_keyed_by_the_gpu(tmp_path) -> None:
+    model = _mlp().cuda()
+    x = torch.randn(256, 512, device="cuda")
+    lm = LatencyModel(device="cuda", cache=LatencyCache(tmp_path / "c.json"))
+    assert torch.cuda.get_device_name() in lm.environment
+    gm = lrfx.compress(model, x, latency=0.9, latency_model=lm)
+    report = lrfx.facts_of(gm).report
+    assert report.latency["compressed_ms"] > 0
+    assert next(gm.parameters()).is_cuda and gm(x).is_cuda

@@ -12,6 +12,7 @@ from lrfx.passes.allocation.allocators import (
 )
 from lrfx.passes.allocation.candidates import (
     AUTO_SCHEMES,
+    MIN_SPEEDUP,
     Budget,
     Candidate,
     LayerOptions,
@@ -28,6 +29,7 @@ from lrfx.passes.allocation.candidates import (
 __all__ = [
     "ALLOCATORS",
     "AUTO_SCHEMES",
+    "MIN_SPEEDUP",
     "Budget",
     "Candidate",
     "LayerOptions",
