@@ -10,6 +10,8 @@ Fashion-MNIST ResNet-20):
 * ``macs``: ``lrfx.compress(model, x, macs=0.5)`` (the MACs plan; the same at every batch size);
 * ``anchor``: the plain channel-wise factorization, every layer at the same fraction of its rank
   (``scheme="channel", allocator="uniform", macs=0.59``);
+* ``macsM`` (ResNet-20 only, ``--macs-sweep``): smaller MACs plans, to compare accuracy with a
+  latency plan at equal measured latency;
 * ``latency=macs@b``: ``lrfx.compress(model, x_b, latency=r)`` where ``r`` is the latency ratio
   the MACs plan measured at batch ``b`` (equal measured latency: compare MACs and accuracy;
   skipped where the MACs plan is not faster than dense);
@@ -128,6 +130,8 @@ def main() -> None:
     ap.add_argument("--onnx", action="store_true", help="also time resnet50 in onnxruntime")
     ap.add_argument("--calibration", type=int, default=1024)
     ap.add_argument("--latency-budgets", default="0.5,0.7,0.9")
+    ap.add_argument("--macs-sweep", default="0.3,0.2,0.1",
+                    help="extra MACs plans for the model scored on real data (resnet20)")
     ap.add_argument("--profile-only", action="store_true",
                     help="only (re)measure where the time goes (lrfx.profile_latency) and merge "
                     "it into the JSON")
@@ -175,6 +179,9 @@ def main() -> None:
         plans["macs"] = lrfx.compress(model, xs[b0], macs=0.5, **kw)
         plans["anchor"] = lrfx.compress(model, xs[b0], macs=0.59, scheme="channel",
                                         allocator="uniform", **kw)
+        if acc is not None:  # smaller MACs plans: which MACs budget reaches a latency plan's time
+            for m in args.macs_sweep.split(","):
+                plans[f"macs{m}"] = lrfx.compress(model, xs[b0], macs=float(m), **kw)
         for b in batches:
             r = time_models({"dense": model, "macs": plans["macs"]}, xs[b])
             ratio = r["macs"] / r["dense"]
