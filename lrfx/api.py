@@ -13,6 +13,11 @@ compress   trace -> propagate_shapes -> annotate_costs [-> collect_input_stats]
 load       trace -> propagate_shapes -> annotate_costs -> factorize (shapes only) -> weights
 =========  ============================================================================
 
+With ``latency=``, ``compress`` times the dense model, times each layer's dense and factored
+forms (:mod:`lrfx.passes.analysis.latency`, cached), allocates on those times (only forms faster
+than dense), then applies and times the plan against the dense model, re-allocating while it
+misses the budget. ``profile_latency`` shows where a dense model's time goes.
+
 The figures after a rewrite (MACs, parameters) come from the plan and the cost model; the
 rewritten graph is not analyzed again.
 """
@@ -1080,6 +1085,9 @@ LATENCY_CORRECTIONS = 2
 #: A measured latency ratio within this relative tolerance of the budget counts as met (noise).
 LATENCY_TOLERANCE = 0.02
 
+#: Warn when the budget had to be lowered by more than this fraction to be met in the model.
+LATENCY_SQUEEZE = 0.1
+
 
 def _correct_latency(alloc: _Allocation, before: Analysis, cfg: CompressConfig,
                      weights: Mapping[str, float] | None, timing: _Timing, model: nn.Module,
@@ -1133,7 +1141,19 @@ def _correct_latency(alloc: _Allocation, before: Analysis, cfg: CompressConfig,
     settings = {**best.plan.settings, "latency_tries": record, "fraction": target,
                 "allocated_fraction": round(chosen[0], 4),
                 "config": {**best.plan.settings.get("config", {}), "latency": target}}
-    return dataclasses.replace(best, plan=dataclasses.replace(best.plan, settings=settings))
+    warnings = best.warnings
+    if chosen[0] < target * (1 - LATENCY_SQUEEZE):
+        note = (f"latency={target} was met only by allocating for {chosen[0]:.3f} (the fastest "
+                f"plan the layer timings allow is {timing.floor:.3f}): this model's glue "
+                "between layers costs more than its layers timed alone show, so the ranks were "
+                "cut much deeper than the budget suggests; check the accuracy, or raise the "
+                "budget" if met else
+                f"latency={target} was not met: the fastest plan tried measured "
+                f"{chosen[1]:.3f}x; raise the budget")
+        log.warning("%s", note)
+        warnings = (*warnings, note)
+    plan = dataclasses.replace(best.plan, settings=settings)
+    return dataclasses.replace(best, plan=plan, warnings=warnings)
 
 
 def _latency_model(model: nn.Module) -> LatencyModel:

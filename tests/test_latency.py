@@ -334,6 +334,8 @@ def test_a_plan_the_whole_model_misses_is_reallocated() -> None:
     assert report.latency["ratio"] == pytest.approx(kept["measured"], abs=1e-3)
     assert plan.settings["fraction"] == 0.5 and plan.settings["config"]["latency"] == 0.5
     assert plan.settings["allocated_fraction"] == pytest.approx(kept["budget"], abs=1e-3)
+    if kept["budget"] < 0.45:  # cut deeper than asked: the report says so
+        assert any("was met only by allocating for" in w for w in report.warnings)
 
 
 def test_latency_budget_mistakes_are_named() -> None:
