@@ -57,7 +57,6 @@ from lrfx.latency import LatencyModel, LatencyProfile, Probe
 from lrfx.modules import Factored
 from lrfx.passes.allocation import (
     ALLOCATORS,
-    MIN_SPEEDUP,
     build_options,
     check_budget,
     fill_budget,
@@ -403,15 +402,12 @@ def _batched(example_inputs: Any, batch: int) -> tuple[int, Inputs]:
     return b0, inputs.map_tensors(lambda t: t[idx.to(t.device)] if t.dim() >= 1 else t)
 
 
-def _measured_layers(options: Sequence[Any], analysis: Analysis, timing: _Timing
-                     ) -> tuple[dict[str, LayerLatency], str]:
-    """Every layer's times, combined over the batch sizes (see :func:`_combine`)."""
+def _measure(options: Sequence[Any], analysis: Analysis, timing: _Timing) -> None:
+    """Time every layer not yet timed, at the example's batch size and each other one."""
     todo = [o for o in options if o.name not in timing.layers]
     timing.layers.update(measure_layers(
         todo, {o.name: analysis[o.name].calls for o in todo}, timing.model,
         progress=timing.progress))
-    if not timing.extra:
-        return timing.layers, ""
     for b in timing.extra:
         have = timing.extra_layers.setdefault(b, {})
         todo = [o for o in options if o.name not in have]
@@ -419,30 +415,6 @@ def _measured_layers(options: Sequence[Any], analysis: Analysis, timing: _Timing
         have.update(measure_layers(
             todo, {o.name: [_at_batch(g, f) for g in analysis[o.name].calls] for o in todo},
             timing.model, progress=timing.progress))
-    sizes = ", ".join(str(b) for b in sorted([timing.batch, *timing.extra]))
-    return {o.name: _combine(o.name, timing) for o in options}, f" at every batch size ({sizes})"
-
-
-def _combine(name: str, timing: _Timing) -> LayerLatency:
-    """One layer's times over several batch sizes, in seconds at the example's batch size: each
-    batch size's time relative to the dense model's there, averaged, times the dense model's time
-    at the example's batch. A form slower than dense at *any* batch size is dropped."""
-    per = [(timing.layers[name], timing.dense_seconds)] + [
-        (timing.extra_layers[b][name], timing.extra[b][0]) for b in timing.extra]
-
-    def mean(values: Iterable[float]) -> float:
-        return timing.dense_seconds * sum(values) / len(per)
-
-    dense = mean(lat.dense / t for lat, t in per)
-    times = {}
-    for i in per[0][0].times:
-        if not all(i in lat.times for lat, _ in per):
-            continue
-        if all(lat.times[i] < lat.dense * (1 - MIN_SPEEDUP) for lat, _ in per):
-            times[i] = mean(lat.times[i] / t for lat, t in per)
-        else:  # slower somewhere: priced at its worst batch size, so it is never a candidate
-            times[i] = dense * max(lat.times[i] / lat.dense for lat, _ in per)
-    return LayerLatency(name, dense, times)
 
 
 def _allocate(analysis: Analysis, cfg: CompressConfig,
@@ -466,8 +438,12 @@ def _allocate(analysis: Analysis, cfg: CompressConfig,
             raise LrfxError("a latency budget is allocated on times measured on the model: use "
                             "lrfx.compress(model, inputs, latency=...) (allocate() only knows "
                             "the analysis)")
-        measured_layers, where = _measured_layers(options, analysis, timing)
-        options, slower = latency_options(options, measured_layers)
+        _measure(options, analysis, timing)
+        others = [(timing.extra_layers[b], t / timing.dense_seconds)
+                  for b, (t, _) in timing.extra.items()]
+        options, slower = latency_options(options, timing.layers, others=others)
+        where = "" if not others else " at every batch size ({})".format(
+            ", ".join(str(b) for b in sorted([timing.batch, *timing.extra])))
         skipped.update({k: f"latency: {v}{where}" for k, v in slower.items()})
         dense_sum = sum(int(o.cost[0]) for o in options)
         measured = round(timing.dense_seconds * 1e9)

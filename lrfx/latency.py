@@ -50,6 +50,8 @@ from torch import nn
 from lrfx.cost import ConvGeometry, Geometry, LinearGeometry
 from lrfx.errors import LrfxError
 from lrfx.inputs import Inputs
+from lrfx.modules import _CONV_CLS, _like, build_factored
+from lrfx.schemes import get_scheme
 
 __all__ = [
     "CACHE_ENV",
@@ -104,6 +106,9 @@ def environment(device: torch.device | str = "cpu", dtype: torch.dtype = torch.f
     return f"torch={torch.__version__}|{where}|{str(dtype).replace('torch.', '')}"
 
 
+_environment = environment  # LatencyModel's argument of the same name hides the function
+
+
 # --- what is timed --------------------------------------------------------------------------------
 
 
@@ -134,9 +139,6 @@ class Probe:
     def build(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
               ) -> tuple[nn.Module, torch.Tensor]:
         """The module (random weights, eval mode) and a random input of the right shape."""
-        from lrfx.modules import _CONV_CLS, _like, build_factored
-        from lrfx.schemes import get_scheme
-
         g = self.geometry
         gen = torch.Generator().manual_seed(0)
         if isinstance(g, LinearGeometry):
@@ -322,7 +324,7 @@ class LatencyModel:
         self.model_timer: Timer = model_timer or timer or MODEL_TIMER
         self.cache = LatencyCache() if cache is True else (
             cache if isinstance(cache, LatencyCache) else None)
-        self.environment = environment or globals()["environment"](self.device, dtype)
+        self.environment = environment or _environment(self.device, dtype)
         self.measured = 0  # probes timed (not from the cache) by this model
         self._memo: dict[str, float] = {}
 

@@ -411,14 +411,20 @@ def latency_options(
     options: Sequence[LayerOptions],
     measured: Mapping[str, Any],
     *,
+    others: Sequence[tuple[Mapping[str, Any], float]] = (),
     min_speedup: float = MIN_SPEEDUP,
 ) -> tuple[list[LayerOptions], dict[str, str]]:
     """The options of a latency budget: measured candidates, cost in nanoseconds.
 
-    Each layer keeps dense (its measured time) and the candidates that were timed (``measured``
-    maps a layer to a :class:`~lrfx.passes.analysis.latency.LayerLatency`) *and* ran at least
-    ``min_speedup`` faster than dense: a latency plan never factors a layer into something
-    slower. Errors are the layer's, as for any budget.
+    Each layer keeps dense and the candidates that were timed (``measured`` maps a layer to a
+    :class:`~lrfx.passes.analysis.latency.LayerLatency`) *and* ran at least ``min_speedup``
+    faster than dense: a latency plan never factors a layer into something slower. Errors are
+    the layer's, as for any budget.
+
+    ``others`` adds batch sizes: per batch size, its layer times and its dense model's time
+    relative to the reference's. A candidate must then be faster than dense at every one of
+    them, and costs the mean of its times, each divided by that relative model time (seconds at
+    the reference batch size; with no ``others``, simply its time).
 
     Returns:
         The new options, and ``{layer: why}`` for layers left with dense only.
@@ -426,19 +432,26 @@ def latency_options(
     out: list[LayerOptions] = []
     dense_only: dict[str, str] = {}
     for o in options:
-        lat = measured[o.name]
-        dense_ns = max(1, round(lat.dense * 1e9))
-        limit = lat.dense * (1.0 - min_speedup)
-        keep = [i for i in sorted(lat.times) if lat.times[i] < limit]
-        cands = [Candidate("dense", None, dense_ns, 0.0, int(o.macs[0]), int(o.params[0]))]
+        per = [(measured[o.name], 1.0), *((m[o.name], rel) for m, rel in others)]
+
+        def cost(seconds: Sequence[float], per: Any = per) -> int:
+            mean = sum(t / rel for t, (_, rel) in zip(seconds, per, strict=True)) / len(per)
+            return max(1, round(mean * 1e9))
+
+        timed = [i for i in sorted(per[0][0].times) if all(i in lat.times for lat, _ in per)]
+        worst = {i: max(lat.times[i] / lat.dense for lat, _ in per) for i in timed}
+        keep = [i for i in timed if worst[i] < 1.0 - min_speedup]
+        cands = [Candidate("dense", None, cost([lat.dense for lat, _ in per]), 0.0,
+                           int(o.macs[0]), int(o.params[0]))]
         for i in keep:
             c = o.candidate(i)
-            cands.append(Candidate(c.scheme, c.rank, max(1, round(lat.times[i] * 1e9)),
+            cands.append(Candidate(c.scheme, c.rank, cost([lat.times[i] for lat, _ in per]),
                                    c.error, c.macs, c.params))
         if not keep and len(o) > 1:
+            dense = per[0][0].dense
             dense_only[o.name] = (
-                f"no factored form measured faster than dense (best {lat.best():.2f}x of its "
-                f"{lat.dense * 1e3:.3f} ms)" if lat.times else "no factored form was timed")
+                f"no factored form measured faster than dense (best {min(worst.values()):.2f}x "
+                f"of its {dense * 1e3:.3f} ms)" if timed else "no factored form was timed")
         new = LayerOptions(o.name, cands, o.spectra)
         new.weight = o.weight  # errors already carry it
         out.append(new)

@@ -44,10 +44,6 @@ class LayerLatency:
     dense: float
     times: Mapping[int, float] = field(default_factory=dict)
 
-    def best(self) -> float:
-        """The fastest factored form measured, as a fraction of dense (inf if none)."""
-        return min(self.times.values(), default=float("inf")) / self.dense if self.dense else 1.0
-
 
 def probe_indices(main: np.ndarray, points: int = 6, quanta: Sequence[int] = (8, 32)
                   ) -> list[int]:
