@@ -9,8 +9,8 @@ Layers, bottom to top (a test keeps the rule):
   ``plan``, ``pipeline``, ``report``, ``analysis``, ``tracing``, ``io``, ``progress``,
   ``config``, ``batches``, ``training``: never imports the passes;
 * **passes** — ``lrfx.passes.analysis``, ``.allocation``, ``.rewrite``: import the core;
-* **API, tools** — ``lrfx.api`` (analyze, allocate, apply, compress, load), ``lrfx.cli``,
-  ``lrfx.contrib``: import both.
+* **API, tools** — ``lrfx.api`` (analyze, allocate, apply, compress, load), ``lrfx.methods``
+  (training-time methods: TRP...), ``lrfx.cli``, ``lrfx.contrib``: import both.
 
 Example:
     >>> import torch, torchvision, lrfx
@@ -58,6 +58,7 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs
     from lrfx.io import export, save
     from lrfx.latency import LatencyModel, LatencyProfile
     from lrfx.layers import LinearLike, register_linear_like
+    from lrfx.methods import TRP
     from lrfx.pipeline import (
         GraphPass,
         PassContext,
@@ -107,6 +108,7 @@ _EXPORTS: dict[str, str] = {
     "Inputs": "lrfx.inputs",
     "LatencyModel": "lrfx.latency",
     "LatencyProfile": "lrfx.latency",
+    "TRP": "lrfx.methods",
     "LinearLike": "lrfx.layers",
     "register_linear_like": "lrfx.layers",
     "export": "lrfx.io",

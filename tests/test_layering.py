@@ -23,7 +23,7 @@ CORE = (
     "_version",
 )
 #: Above the passes: the public entry points and the tools.
-UPPER = ("lrfx.api", "lrfx.cli", "lrfx.contrib")
+UPPER = ("lrfx.api", "lrfx.cli", "lrfx.contrib", "lrfx.methods")
 
 #: The one deliberate upward call, kept for compatibility (RankPlan.validate with inputs).
 ALLOWED_UPWARD = {("plan", "lrfx.api")}

@@ -1,0 +1,15 @@
+"""Training-time methods: small objects that run inside your own training loop.
+
+Each method is built from the model and example inputs, exposes the hooks :func:`lrfx.fit`
+calls (and your loop can call the same way) — ``penalty(model)``, ``after_backward(model)``,
+``after_step(model)``, ``end_epoch(model, epoch)`` — and ``finalize(model)`` returns the factored
+model. They are built from the same analysis, schemes, plans and rewrite as post-training
+compression (:mod:`lrfx.methods._targets`), and checkpoint with ``state_dict()``.
+
+* :class:`TRP` — Trained Rank Pruning (energy-rank projection + nuclear-norm subgradient).
+"""
+
+from lrfx.methods._targets import Target, find_targets, unwrap
+from lrfx.methods.trp import TRP
+
+__all__ = ["TRP", "Target", "find_targets", "unwrap"]
