@@ -58,7 +58,7 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs
     from lrfx.io import export, save
     from lrfx.latency import LatencyModel, LatencyProfile
     from lrfx.layers import LinearLike, register_linear_like
-    from lrfx.methods import TRP
+    from lrfx.methods import LC, TRP, ProductDecay
     from lrfx.pipeline import (
         GraphPass,
         PassContext,
@@ -108,6 +108,8 @@ _EXPORTS: dict[str, str] = {
     "Inputs": "lrfx.inputs",
     "LatencyModel": "lrfx.latency",
     "LatencyProfile": "lrfx.latency",
+    "LC": "lrfx.methods",
+    "ProductDecay": "lrfx.methods",
     "TRP": "lrfx.methods",
     "LinearLike": "lrfx.layers",
     "register_linear_like": "lrfx.layers",

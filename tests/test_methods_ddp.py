@@ -35,6 +35,8 @@ def _net() -> nn.Module:
 def _method(name: str, model: nn.Module) -> Any:
     if name == "trp":
         return lrfx.TRP(model, X, every=2, lambda_nuc=1e-2)
+    if name == "lc":  # a C step after every step (an "epoch" here), strong coupling
+        return lrfx.LC(model, X, macs=0.5, mu0=0.5, growth=2.0)
     raise ValueError(name)
 
 
@@ -53,9 +55,13 @@ def _run(model: nn.Module, train: nn.Module, method: Any, shard: slice) -> None:
         loss = F.cross_entropy(out, ys[i][shard])
         loss = loss + (method.penalty(train) if hasattr(method, "penalty") else 0.0)
         loss.backward()
-        method.after_backward(train)
+        if hasattr(method, "after_backward"):
+            method.after_backward(train)
         opt.step()
-        method.after_step(train)
+        if hasattr(method, "after_step"):
+            method.after_step(train)
+        if hasattr(method, "end_epoch"):
+            method.end_epoch(train, i)
 
 
 def _worker(rank: int, world: int, store: str, name: str, out: str) -> None:
@@ -73,7 +79,7 @@ def _worker(rank: int, world: int, store: str, name: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("name", ["trp"])
+@pytest.mark.parametrize("name", ["trp", "lc"])
 def test_two_processes_equal_one_process_on_the_whole_batch(name: str, tmp_path: Path) -> None:
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")

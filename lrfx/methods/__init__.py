@@ -6,10 +6,13 @@ calls (and your loop can call the same way) — ``penalty(model)``, ``after_back
 model. They are built from the same analysis, schemes, plans and rewrite as post-training
 compression (:mod:`lrfx.methods._targets`), and checkpoint with ``state_dict()``.
 
-* :class:`TRP` — Trained Rank Pruning (energy-rank projection + nuclear-norm subgradient).
+* :class:`TRP` — Trained Rank Pruning (energy-rank projection + nuclear-norm subgradient);
+* :class:`LC` — the LC algorithm (L steps with a quadratic coupling, exact C steps, multipliers),
+  and :class:`ProductDecay` for fine-tuning its factored result.
 """
 
 from lrfx.methods._targets import Target, find_targets, unwrap
+from lrfx.methods.lc import LC, ProductDecay
 from lrfx.methods.trp import TRP
 
-__all__ = ["TRP", "Target", "find_targets", "unwrap"]
+__all__ = ["LC", "ProductDecay", "TRP", "Target", "find_targets", "unwrap"]

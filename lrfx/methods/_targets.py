@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lrfx.analysis import Analysis
 from lrfx.api import analyze
 from lrfx.config import LayerRules, _selector, _specificity
 from lrfx.cost import ConvGeometry, Geometry, dense_cost
@@ -132,8 +133,9 @@ def find_targets(
     layers: str | Sequence[Any] = "all",
     exclude: Sequence[Any] = (),
     method: str = "method",
-) -> tuple[list[Target], dict[str, str]]:
-    """The layers a method trains low-rank, in graph order, and those it skips (with reasons).
+) -> tuple[list[Target], dict[str, str], Analysis]:
+    """The layers a method trains low-rank, in graph order, those it skips (with reasons), and
+    the analysis they come from (no spectra).
 
     Args:
         model: The dense model (unwrapped; not modified).
@@ -208,7 +210,7 @@ def find_targets(
     if not targets:
         raise LrfxError(f"{method}: no layer to train low-rank (layers={layers!r}); skipped: "
                         + "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:6]))
-    return targets, skipped
+    return targets, skipped, analysis
 
 
 def plan_of(targets: Sequence[Target], ranks: dict[str, int], allocator: str,

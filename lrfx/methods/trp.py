@@ -120,7 +120,7 @@ class TRP:
         self.every = every
         self.lambda_nuc = float(lambda_nuc)
         self.scheme = scheme
-        self.targets, self.skipped = find_targets(
+        self.targets, self.skipped, _ = find_targets(
             model, example_inputs, scheme=scheme, layers=layers,
             exclude=(exclude,) if isinstance(exclude, (str, type)) else tuple(exclude),
             method="TRP")

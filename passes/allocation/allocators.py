@@ -18,6 +18,7 @@ All of them work on the options' arrays; candidates become objects only at the e
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,7 @@ __all__ = [
     "ALLOCATORS",
     "allocate_energy",
     "allocate_global_sigma",
+    "allocate_lagrangian",
     "allocate_lc",
     "allocate_uniform",
     "fill_budget",
@@ -413,6 +415,21 @@ def allocate_lc(
         sel[i] = kept[i][int(pick[j])]
         j = int(parent[j])
     return _finish(options, flat, sel, hi, exact)
+
+
+def allocate_lagrangian(
+    options: Sequence[LayerOptions], multiplier: float
+) -> tuple[Choice, dict[str, Any]]:
+    """The LC C step in its penalty form: each layer independently takes the cheapest
+    candidate minimizing ``error + multiplier * cost`` (``multiplier = 2 * alpha / mu`` for
+    the objective ``alpha * cost + mu / 2 * error``). No budget: the cost falls as the
+    multiplier grows."""
+    if not math.isfinite(multiplier) or multiplier < 0:
+        raise LrfxError(f"the multiplier of the cost must be a non-negative number, got "
+                        f"{multiplier!r}")
+    flat = _Flat.of(options)
+    sel, _ = flat.lagrangian(float(multiplier))
+    return _finish(options, flat, sel, float(multiplier), True)
 
 
 def _finish(options: Sequence[LayerOptions], flat: _Flat, sel: np.ndarray, lam: float,
