@@ -58,7 +58,7 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs
     from lrfx.io import export, save
     from lrfx.latency import LatencyModel, LatencyProfile
     from lrfx.layers import LinearLike, register_linear_like
-    from lrfx.methods import LC, TRP, ProductDecay
+    from lrfx.methods import LC, TRP, DecomposableNet, ProductDecay
     from lrfx.pipeline import (
         GraphPass,
         PassContext,
@@ -108,6 +108,7 @@ _EXPORTS: dict[str, str] = {
     "Inputs": "lrfx.inputs",
     "LatencyModel": "lrfx.latency",
     "LatencyProfile": "lrfx.latency",
+    "DecomposableNet": "lrfx.methods",
     "LC": "lrfx.methods",
     "ProductDecay": "lrfx.methods",
     "TRP": "lrfx.methods",

@@ -28,9 +28,10 @@ while singular values below ~3e-4 of the largest become approximate.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -645,14 +646,71 @@ def least_squares(cross: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
 # --- projections (differentiable, on the weight's own device) -------------------------------------
 
 
-def project_matrix(mats: torch.Tensor, rank: int) -> torch.Tensor:
-    """The best rank-``rank`` approximation of each matrix, differentiable (``torch.linalg.svd``).
+def project_matrix(mats: torch.Tensor, rank: int, *, clip: float | None = None,
+                   svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                   ) -> torch.Tensor:
+    """The best rank-``rank`` approximation of each matrix, differentiably.
 
-    Runs on the matrices' device and dtype; gradients are those of the truncated SVD.
+    Runs on the matrices' device and dtype. The gradient is the exact derivative of the
+    truncation (:class:`_Truncate`), which, unlike backpropagating through ``torch.linalg.svd``,
+    has no ``1 / (s_i^2 - s_j^2)`` terms between two kept (or two dropped) values, so repeated
+    singular values inside the kept part are harmless.
+
+    Args:
+        mats: ``(..., m, n)`` matrices.
+        rank: How many singular values to keep.
+        clip: Bound the ratio ``(s_dropped / s_kept)^2`` at this value in the gradient (the
+            Decomposable-Net reference uses 0.99) so a near tie across the cut cannot blow it
+            up; ``None``: exact.
+        svd: ``torch.linalg.svd(mats, full_matrices=False)``, if already computed.
     """
-    u, s, vh = torch.linalg.svd(mats, full_matrices=False)
-    r = min(rank, s.shape[-1])
-    return (u[..., :r] * s[..., None, :r]) @ vh[..., :r, :]
+    u, s, vh = svd if svd is not None else torch.linalg.svd(mats.detach(), full_matrices=False)
+    r = min(int(rank), s.shape[-1])
+    return _Truncate.apply(mats, u, s, vh, r, clip)
+
+
+class _Truncate(torch.autograd.Function):
+    """``W -> U_r S_r V_r^T`` with its exact derivative.
+
+    In the basis of the SVD, a change ``A = U^T dW V`` of the weight changes the truncation by
+    ``A`` on kept x kept entries, 0 on dropped x dropped ones, and mixes the pair ``(A_ij, A_ji)``
+    of a kept ``i`` and a dropped ``j`` by ``[[1, p], [p, 1]] / (1 - p^2)``, ``p = s_j / s_i``
+    (a symmetric map: the gradient applies the same); directions outside the spans of ``U`` or
+    ``V`` pass where they meet a kept direction (``p = 0``).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, mats: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor,
+                r: int, clip: float | None) -> torch.Tensor:
+        ctx.save_for_backward(u, s, vh)
+        ctx.r, ctx.clip = r, clip
+        return (u[..., :r] * s[..., None, :r]) @ vh[..., :r, :]
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
+        (g,) = grads
+        u, s, vh = ctx.saved_tensors
+        r, clip = ctx.r, ctx.clip
+        g = g.to(u.dtype)
+        v = vh.transpose(-2, -1)
+        gh = u.transpose(-2, -1) @ g @ v  # (..., k, k)
+        c = torch.zeros_like(gh)
+        c[..., :r, :r] = gh[..., :r, :r]
+        if r < s.shape[-1]:
+            kept, dropped = s[..., :r, None], s[..., None, r:]
+            p = torch.where(kept > 0, dropped / kept.clamp_min(torch.finfo(s.dtype).tiny),
+                            torch.zeros_like(dropped))
+            if clip is not None:
+                p = p.clamp(max=math.sqrt(clip))
+            den = 1.0 - p * p
+            a, b = gh[..., :r, r:], gh[..., r:, :r].transpose(-2, -1)
+            c[..., :r, r:] = (a + p * b) / den
+            c[..., r:, :r] = ((b + p * a) / den).transpose(-2, -1)
+        out = u @ c @ vh
+        ur, vr = u[..., :r], v[..., :r]
+        out = out + (g - u @ (u.transpose(-2, -1) @ g)) @ vr @ vr.transpose(-2, -1)
+        out = out + ur @ (ur.transpose(-2, -1) @ (g - (g @ v) @ vh))
+        return out, None, None, None, None, None
 
 
 def _top_left_vectors(mats: torch.Tensor, rank: int) -> torch.Tensor:

@@ -27,7 +27,10 @@ same way): any object with some of these methods —
 * ``after_backward(model)``: gradients are there, the step has not happened (subgradients,
   gradient masks);
 * ``after_step(model)``: after ``optimizer.step()`` (projections, proximal steps, schedules);
-* ``end_epoch(model, epoch)``: after each epoch.
+* ``end_epoch(model, epoch)``: after each epoch;
+* ``backward(model, inputs, targets) -> (loss, ...)``: replaces the loss, the penalties and
+  ``backward()`` for methods that need several passes per batch (Decomposable-Net); its first
+  returned value is the loss reported. At most one callback may have it.
 """
 
 from __future__ import annotations
@@ -244,7 +247,7 @@ def fit(
         inputs: Which part of a batch feeds the model.
         max_batches: At most this many batches per epoch.
         callbacks: Objects with ``penalty`` / ``after_backward`` / ``after_step`` /
-            ``end_epoch`` methods (see the module docstring).
+            ``end_epoch`` / ``backward`` methods (see the module docstring).
         progress: Show progress on stderr.
         device: Where to train (default: the model's parameters' device).
 
@@ -265,6 +268,11 @@ def fit(
             raise LrfxError(f"{type(model).__name__} has no trainable parameter")
         optimizer = torch.optim.Adam(params, lr=lr)
     criterion = loss or (lambda out, y: F.cross_entropy(logits_of(out), y))
+    owners = [cb for cb in callbacks if callable(getattr(cb, "backward", None))]
+    if len(owners) > 1:
+        raise LrfxError("fit: at most one callback may replace backward(); got "
+                        + ", ".join(type(cb).__name__ for cb in owners))
+    custom = owners[0] if owners else None
     losses: list[float] = []
     history: list[float] = []
     steps = 0
@@ -284,17 +292,22 @@ def fit(
                                         "'labels', or loss=callable(output, targets)")
                     x, y = _to(x, dev), _to(y, dev)
                     optimizer.zero_grad(set_to_none=True)
-                    out = _forward(model, x, f"epoch {epoch + 1}, batch {k}")
-                    value = criterion(out, y)
-                    for cb in callbacks:
-                        extra = _call(cb, "penalty", model)
-                        if extra is not None:
-                            value = value + extra
+                    if custom is not None:
+                        losses_out = custom.backward(model, x, y, criterion)
+                        value = losses_out[0] if isinstance(losses_out, tuple) else losses_out
+                    else:
+                        out = _forward(model, x, f"epoch {epoch + 1}, batch {k}")
+                        value = criterion(out, y)
+                        for cb in callbacks:
+                            extra = _call(cb, "penalty", model)
+                            if extra is not None:
+                                value = value + extra
                     scalar = float(value.detach())
                     if not math.isfinite(scalar):
                         raise LrfxError(f"fit: the loss is {scalar} at epoch {epoch + 1}, step "
                                         f"{k}: lower lr= (now {lr}) or check the data")
-                    value.backward()
+                    if custom is None:
+                        value.backward()
                     for cb in callbacks:
                         _call(cb, "after_backward", model)
                     optimizer.step()

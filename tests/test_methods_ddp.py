@@ -37,6 +37,8 @@ def _method(name: str, model: nn.Module) -> Any:
         return lrfx.TRP(model, X, every=2, lambda_nuc=1e-2)
     if name == "lc":  # a C step after every step (an "epoch" here), strong coupling
         return lrfx.LC(model, X, macs=0.5, mu0=0.5, growth=2.0)
+    if name == "dnet":
+        return lrfx.DecomposableNet(model, X, rank_min=2, seed=7)
     raise ValueError(name)
 
 
@@ -51,10 +53,12 @@ def _run(model: nn.Module, train: nn.Module, method: Any, shard: slice) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for i in range(STEPS):
         opt.zero_grad()
-        out = train(xs[i][shard])
-        loss = F.cross_entropy(out, ys[i][shard])
-        loss = loss + (method.penalty(train) if hasattr(method, "penalty") else 0.0)
-        loss.backward()
+        if hasattr(method, "backward"):  # Decomposable-Net: both passes
+            method.backward(train, xs[i][shard], ys[i][shard])
+        else:
+            loss = F.cross_entropy(train(xs[i][shard]), ys[i][shard])
+            loss = loss + (method.penalty(train) if hasattr(method, "penalty") else 0.0)
+            loss.backward()
         if hasattr(method, "after_backward"):
             method.after_backward(train)
         opt.step()
@@ -79,7 +83,7 @@ def _worker(rank: int, world: int, store: str, name: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("name", ["trp", "lc"])
+@pytest.mark.parametrize("name", ["trp", "lc", "dnet"])
 def test_two_processes_equal_one_process_on_the_whole_batch(name: str, tmp_path: Path) -> None:
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")

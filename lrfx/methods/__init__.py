@@ -8,11 +8,13 @@ compression (:mod:`lrfx.methods._targets`), and checkpoint with ``state_dict()``
 
 * :class:`TRP` — Trained Rank Pruning (energy-rank projection + nuclear-norm subgradient);
 * :class:`LC` — the LC algorithm (L steps with a quadratic coupling, exact C steps, multipliers),
-  and :class:`ProductDecay` for fine-tuning its factored result.
+  and :class:`ProductDecay` for fine-tuning its factored result;
+* :class:`DecomposableNet` — one set of weights trained to work at any size.
 """
 
 from lrfx.methods._targets import Target, find_targets, unwrap
+from lrfx.methods.dnet import DecomposableNet
 from lrfx.methods.lc import LC, ProductDecay
 from lrfx.methods.trp import TRP
 
-__all__ = ["LC", "ProductDecay", "TRP", "Target", "find_targets", "unwrap"]
+__all__ = ["DecomposableNet", "LC", "ProductDecay", "TRP", "Target", "find_targets", "unwrap"]

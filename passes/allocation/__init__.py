@@ -8,6 +8,7 @@ from lrfx.passes.allocation.allocators import (
     allocate_lc,
     allocate_uniform,
     fill_budget,
+    global_sigma_ranks,
     prefer_best_scheme,
     to_plan,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "check_reachable",
     "cost_of",
     "fill_budget",
+    "global_sigma_ranks",
     "make_budget",
     "prefer_best_scheme",
     "resolve_schemes",

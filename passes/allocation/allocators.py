@@ -43,6 +43,7 @@ __all__ = [
     "allocate_lc",
     "allocate_uniform",
     "fill_budget",
+    "global_sigma_ranks",
     "prefer_best_scheme",
     "to_plan",
 ]
@@ -216,8 +217,7 @@ def allocate_global_sigma(
     ordered = np.sort(np.concatenate(pooled) if pooled else np.zeros(0))[::-1]
 
     def at_ratio(rho: float) -> np.ndarray:
-        k = round(rho * len(ordered))
-        threshold = ordered[k - 1] if k >= 1 else np.inf
+        threshold = _sigma_threshold(ordered, rho)
         out = np.zeros(len(options), dtype=np.int64)
         for li, entry in enumerate(per_layer):
             if entry is None:
@@ -230,6 +230,33 @@ def allocate_global_sigma(
 
     idx, rho = _bisect(at_ratio, options, fixed, budget)
     return _choice(options, idx), {"rho": rho, "rank_min": rank_min}
+
+
+def _sigma_threshold(ordered: np.ndarray, rho: float) -> float:
+    """The smallest kept value when the top ``round(rho * n)`` of ``ordered`` (descending) are
+    kept."""
+    k = round(rho * len(ordered))
+    return float(ordered[k - 1]) if k >= 1 else math.inf
+
+
+def global_sigma_ranks(values: Mapping[str, np.ndarray], rho: float, rank_min: int = 5
+                       ) -> dict[str, int]:
+    """Decomposable-Net's criterion without a budget: pool every layer's singular values, keep
+    the top ``round(rho * total)``; a layer's rank is how many of its own were kept, at least
+    ``rank_min`` (and at most its number of values).
+
+    Example:
+        >>> global_sigma_ranks({"a": np.array([9.0, 5.0, 1.0]), "b": np.array([4.0, 3.0])},
+        ...                    0.6, rank_min=1)
+        {'a': 2, 'b': 1}
+    """
+    if not 0.0 <= rho <= 1.0:
+        raise LrfxError(f"rho must be a fraction in [0, 1], got {rho!r}")
+    arrays = {n: np.asarray(v, dtype=np.float64).reshape(-1) for n, v in values.items()}
+    pooled = np.concatenate(list(arrays.values())) if arrays else np.zeros(0)
+    threshold = _sigma_threshold(np.sort(pooled)[::-1], rho)
+    return {n: min(len(v), max(rank_min, int((v >= threshold).sum())))
+            for n, v in arrays.items()}
 
 
 def allocate_uniform(
