@@ -234,3 +234,20 @@ def test_fit_drives_trp_as_a_callback() -> None:
                       callbacks=[trp])
     assert trp.step == result.steps == 16
     assert set(trp.ranks) == {"3", "6"}
+
+
+def test_budgeted_projection_meets_the_budget_with_one_energy_for_every_layer() -> None:
+    net = _net()
+    expected_plan, _ = lrfx.allocate(lrfx.analyze(net, X), macs=0.5, allocator="energy",
+                                     scheme="channel", exclude=["0", "9", "13"])
+    trp = TRP(net, X, macs=0.5)
+    ranks = trp.project(net)
+    assert ranks == {n: e.rank for n, e in expected_plan.items() if e.lowrank}
+    small = trp.finalize(net.eval())
+    assert lrfx.count_macs(small, X) <= 0.5 * lrfx.count_macs(net, X)
+    x, _ = _digits(16)
+    torch.testing.assert_close(small(x), net(x), atol=1e-4, rtol=1e-4)
+    with pytest.raises(lrfx.LrfxError, match="one rank rule"):
+        TRP(_net(), X, energy=0.9, macs=0.5)
+    with pytest.raises(lrfx.BudgetInfeasibleError):
+        TRP(_net(), X, macs=0.01).project()

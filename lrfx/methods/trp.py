@@ -38,6 +38,7 @@ from lrfx.api import apply
 from lrfx.decompositions import Spectrum
 from lrfx.errors import LrfxError
 from lrfx.methods._targets import Target, find_targets, plan_of, unwrap, weights_of
+from lrfx.passes.allocation import allocate_energy, build_options, fill_budget, make_budget
 from lrfx.plan import RankPlan
 
 __all__ = ["TRP"]
@@ -59,6 +60,11 @@ class TRP:
         example_inputs: Inputs of the model (shapes for the analysis and the final rewrite).
         energy: Rank rule: the smallest rank keeping this fraction of the squared singular
             values (default 0.9, the paper's).
+        macs, params: A budget instead (a fraction of the whole model's MACs / parameters, or
+            an absolute count): at every projection the energy is the largest one whose ranks
+            fit (the ``energy`` allocator with a budget, one energy for every layer, what is
+            left of the budget filled greedily as :func:`lrfx.allocate` does; a layer past
+            break-even is left unprojected).
         value: Instead of ``energy``: keep the singular values ``>= value`` (the paper's
             deploy-time rule; 0.05 there).
         every: Project every this many optimizer steps (the paper's ``m``; 1 by default).
@@ -93,14 +99,22 @@ class TRP:
         model: nn.Module,
         example_inputs: Any,
         *,
-        energy: float = 0.9,
+        energy: float | None = None,
         value: float | None = None,
+        macs: float | int | None = None,
+        params: float | int | None = None,
         every: int = 1,
         lambda_nuc: float = 3e-4,
         scheme: str = "channel",
         layers: Any = "paper",
         exclude: Any = (),
     ) -> None:
+        budgeted = macs is not None or params is not None
+        if sum(x is not None for x in (energy, value)) + budgeted > 1:
+            raise LrfxError("TRP: give one rank rule: energy=, value= or a budget (macs= or "
+                            "params=)")
+        if energy is None:
+            energy = 0.9
         if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not (
                 0.0 < energy <= 1.0):
             raise LrfxError(f"TRP: energy must be in (0, 1], got {energy!r}")
@@ -120,10 +134,17 @@ class TRP:
         self.every = every
         self.lambda_nuc = float(lambda_nuc)
         self.scheme = scheme
-        self.targets, self.skipped, _ = find_targets(
+        self.targets, self.skipped, analysis = find_targets(
             model, example_inputs, scheme=scheme, layers=layers,
             exclude=(exclude,) if isinstance(exclude, (str, type)) else tuple(exclude),
             method="TRP")
+        self._records = {t.name: analysis[t.name] for t in self.targets}
+        self.budget_setting = {"macs": macs, "params": params}
+        self.budget = None
+        if budgeted:
+            self.budget = make_budget(macs, params, analysis.total_macs, analysis.total_params)
+            self._fixed = self.budget.total - sum(
+                getattr(r, self.budget.metric) for r in self._records.values())
         self.step = 0
         self.ranks: dict[str, int] = {}
         # name -> (weight version right after its projection, U_k V_k^T in the weight's shape):
@@ -139,6 +160,24 @@ class TRP:
             return max(1, int((s >= self.value).sum(dim=-1).max()))
         return Spectrum(s.reshape(-1, s.shape[-1]).double()).rank_at_energy(self.energy)
 
+    def _rule(self, values: dict[str, torch.Tensor]) -> dict[str, int]:
+        """Every target's rank from its singular values ``(groups, k)``: the per-layer rule, or
+        the energy the budget allows (a layer the allocator leaves dense keeps every value)."""
+        if self.budget is None:
+            return {n: self.rank_of(s) for n, s in values.items()}
+        spectra = {t.name: {t.unfolding.name: Spectrum(values[t.name].detach().double().cpu())}
+                   for t in self.targets}
+        options = []
+        for t in self.targets:
+            (o,) = build_options([self._records[t.name]], metric=self.budget.metric,
+                                 schemes=t.scheme, spectra=spectra)
+            options.append(o)
+        choice, _ = allocate_energy(options, self.budget, self._fixed)
+        choice = fill_budget(choice, options, self._fixed, self.budget)  # as lrfx.allocate does
+        return {t.name: (int(values[t.name].shape[-1]) if choice[t.name].scheme == "dense"
+                         else int(choice[t.name].rank))  # type: ignore[arg-type]
+                for t in self.targets}
+
     # --- hooks ------------------------------------------------------------------------------------
 
     def _model(self, model: nn.Module | None) -> nn.Module:
@@ -150,15 +189,19 @@ class TRP:
         the last projection, or by the rule before the first)."""
         if self.lambda_nuc == 0.0:
             return
-        for t, w in zip(self.targets, weights_of(self._model(model), self.targets), strict=True):
+        weights = weights_of(self._model(model), self.targets)
+        if len(self.ranks) < len(self.targets):  # before the first projection: the rule's ranks
+            svals = {t.name: _svd(t, w)[1] for t, w in zip(self.targets, weights, strict=True)}
+            initial = self._rule(svals)
+        for t, w in zip(self.targets, weights, strict=True):
             if w.grad is None:
                 continue
             cached = self._cache.get(t.name)
             if cached is not None and cached[0] == w._version:
                 direction = cached[1]
             else:
-                u, s, vh = _svd(t, w)
-                k = self.ranks.get(t.name) or self.rank_of(s)
+                u, _, vh = _svd(t, w)
+                k = self.ranks[t.name] if t.name in self.ranks else initial[t.name]
                 direction = t.fold(u[..., :k] @ vh[..., :k, :], w.shape)
             w.grad.add_(direction.to(w.grad.dtype), alpha=self.lambda_nuc)
 
@@ -175,9 +218,12 @@ class TRP:
         Returns:
             The rank of each target.
         """
-        for t, w in zip(self.targets, weights_of(self._model(model), self.targets), strict=True):
-            u, s, vh = _svd(t, w)
-            k = self.rank_of(s)
+        weights = weights_of(self._model(model), self.targets)
+        svds = {t.name: _svd(t, w) for t, w in zip(self.targets, weights, strict=True)}
+        ranks = self._rule({n: s for n, (_, s, _) in svds.items()})
+        for t, w in zip(self.targets, weights, strict=True):
+            u, s, vh = svds[t.name]
+            k = ranks[t.name]
             uk, vhk = u[..., :k], vh[..., :k, :]
             w.copy_(t.fold((uk * s[..., None, :k]) @ vhk, w.shape).to(w.dtype))
             self.ranks[t.name] = k
@@ -187,17 +233,24 @@ class TRP:
     # --- the result -------------------------------------------------------------------------------
 
     def _final(self, model: nn.Module | None) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
-        """Ranks of the final plan, and the projected weights of targets whose weight moved
-        since their last projection."""
-        ranks: dict[str, int] = {}
-        moved: dict[str, torch.Tensor] = {}
-        for t, w in zip(self.targets, weights_of(self._model(model), self.targets), strict=True):
-            cached = self._cache.get(t.name)
-            if cached is not None and cached[0] == w._version:
-                ranks[t.name] = self.ranks[t.name]
-                continue
-            u, s, vh = _svd(t, w)
-            k = ranks[t.name] = self.rank_of(s)
+        """Ranks of the final plan, and the projected weights of the targets that moved since
+        their last projection (with a budget: all of them, if any moved)."""
+        weights = weights_of(self._model(model), self.targets)
+        fresh = {t.name for t, w in zip(self.targets, weights, strict=True)
+                 if (c := self._cache.get(t.name)) is not None and c[0] == w._version}
+        redo = [t for t in self.targets if t.name not in fresh]
+        if self.budget is not None and redo:
+            redo = list(self.targets)
+        ranks = {t.name: self.ranks[t.name] for t in self.targets if t.name in fresh}
+        if not redo:
+            return ranks, {}
+        by_name = dict(zip([t.name for t in self.targets], weights, strict=True))
+        svds = {t.name: _svd(t, by_name[t.name]) for t in redo}
+        ranks.update(self._rule({n: s for n, (_, s, _) in svds.items()}))
+        moved = {}
+        for t in redo:
+            u, s, vh = svds[t.name]
+            k, w = ranks[t.name], by_name[t.name]
             moved[t.name] = t.fold((u[..., :k] * s[..., None, :k]) @ vh[..., :k, :],
                                    w.shape).to(w.dtype)
         return ranks, moved
@@ -225,7 +278,8 @@ class TRP:
     # --- state ------------------------------------------------------------------------------------
 
     def settings(self) -> dict[str, Any]:
-        return {"energy": self.energy, "value": self.value, "every": self.every,
+        return {"energy": self.energy, "value": self.value, **self.budget_setting,
+                "every": self.every,
                 "lambda_nuc": self.lambda_nuc, "scheme": self.scheme,
                 "layers": [t.name for t in self.targets]}
 
@@ -253,6 +307,8 @@ class TRP:
         self._cache.clear()
 
     def __repr__(self) -> str:
-        rule = f"value={self.value}" if self.value is not None else f"energy={self.energy}"
+        rule = (f"value={self.value}" if self.value is not None else
+                f"{self.budget.metric}={self.budget.fraction:.3g}" if self.budget is not None
+                else f"energy={self.energy}")
         return (f"TRP({rule}, every={self.every}, lambda_nuc={self.lambda_nuc}, "
                 f"scheme={self.scheme!r}, {len(self.targets)} layers, step {self.step})")
