@@ -12,7 +12,7 @@ it is handed — the user's model, or the same model wrapped in ``DistributedDat
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ from lrfx.errors import LrfxError
 from lrfx.plan import LayerPlan, RankPlan
 from lrfx.schemes import get_scheme
 
-__all__ = ["Target", "find_targets", "plan_of", "unwrap", "weights_of"]
+__all__ = ["Method", "Target", "find_targets", "plan_of", "unwrap", "weights_of"]
 
 #: Layer kinds a training-time method can keep low-rank.
 _KINDS = ("linear", "conv1d", "conv2d", "conv3d")
@@ -131,7 +131,7 @@ def find_targets(
     *,
     scheme: str = "channel",
     layers: str | Sequence[Any] = "all",
-    exclude: Sequence[Any] = (),
+    exclude: Any = (),
     method: str = "method",
 ) -> tuple[list[Target], dict[str, str], Analysis]:
     """The layers a method trains low-rank, in graph order, those it skips (with reasons), and
@@ -145,7 +145,7 @@ def find_targets(
         layers: ``"all"`` (every conv and linear module), ``"paper"`` (TRP's choice: convs with
             a kernel larger than 1x1 except the first conv; no linear layer), or selectors
             (names, globs, module types).
-        exclude: Selectors of layers to leave alone.
+        exclude: A selector, or selectors, of layers to leave alone.
         method: The method's name, for messages.
 
     Raises:
@@ -161,6 +161,8 @@ def find_targets(
         selectors = ()
     else:
         selectors = tuple(_selector(s, "layers") for s in layers)
+    if isinstance(exclude, (str, type)):
+        exclude = (exclude,)
     rules = LayerRules(tuple(_selector(s, "exclude") for s in exclude))
     analysis = analyze(unwrap(model), example_inputs, spectra=False)
     records = [r for r in analysis.layers if r.factorable]
@@ -211,6 +213,31 @@ def find_targets(
         raise LrfxError(f"{method}: no layer to train low-rank (layers={layers!r}); skipped: "
                         + "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:6]))
     return targets, skipped, analysis
+
+
+class Method:
+    """What every training-time method shares: the model it was built with (the default of
+    every hook's ``model``) and the check of a checkpointed state."""
+
+    name = "method"
+    model: nn.Module
+
+    def settings(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _model(self, model: nn.Module | None) -> nn.Module:
+        return self.model if model is None else model
+
+    def _check_state(self, state: Mapping[str, Any]) -> None:
+        """Refuse a state of another method or of other settings (naming the first)."""
+        kind = type(self).__name__
+        if state.get("method") != self.name:
+            raise LrfxError(f"{kind}.load_state_dict: this state is of {state.get('method')!r}")
+        mine = self.settings()
+        for key, value in dict(state.get("settings", {})).items():
+            if mine.get(key) != value:
+                raise LrfxError(f"{kind}.load_state_dict: the state has {key}={value!r}, this "
+                                f"{kind} {key}={mine.get(key)!r}; build it as it was built")
 
 
 def plan_of(targets: Sequence[Target], ranks: dict[str, int], allocator: str,

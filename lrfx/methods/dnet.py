@@ -46,7 +46,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lrfx.api import allocate, analyze, apply, recalibrate_bn
 from lrfx.decompositions import project_matrix
 from lrfx.errors import LrfxError
-from lrfx.methods._targets import find_targets, plan_of, unwrap, weights_of
+from lrfx.methods._targets import Method, find_targets, plan_of, unwrap, weights_of
 from lrfx.passes.allocation import global_sigma_ranks
 from lrfx.plan import RankPlan
 from lrfx.training import logits_of
@@ -66,7 +66,7 @@ def _call_args(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return (inputs,), {}
 
 
-class DecomposableNet:
+class DecomposableNet(Method):
     """Decomposable-Net training as one call per batch, and deployment at any size.
 
     Args:
@@ -148,7 +148,7 @@ class DecomposableNet:
         self.criterion = criterion or (lambda out, y: F.cross_entropy(logits_of(out), y))
         self.targets, self.skipped, _ = find_targets(
             model, example_inputs, scheme=scheme, layers=layers,
-            exclude=(exclude,) if isinstance(exclude, (str, type)) else tuple(exclude),
+            exclude=exclude,
             method="DecomposableNet")
         inner = unwrap(model)
         #: The low-rank network's BatchNorm running statistics (``"bn.running_mean"``...).
@@ -176,9 +176,6 @@ class DecomposableNet:
         return global_sigma_ranks(values, rho, self.rank_min)
 
     # --- training ---------------------------------------------------------------------------------
-
-    def _model(self, model: nn.Module | None) -> nn.Module:
-        return self.model if model is None else model
 
     def backward(self, model: nn.Module | None, inputs: Any, targets: Any,
                  criterion: Callable[[Any, Any], torch.Tensor] | None = None
@@ -342,14 +339,7 @@ class DecomposableNet:
         Raises:
             LrfxError: The state is of another method or of other settings.
         """
-        if state.get("method") != self.name:
-            raise LrfxError(f"DecomposableNet.load_state_dict: this state is of "
-                            f"{state.get('method')!r}")
-        mine = self.settings()
-        for key, value in dict(state.get("settings", {})).items():
-            if mine.get(key) != value:
-                raise LrfxError(f"DecomposableNet.load_state_dict: the state has {key}="
-                                f"{value!r}, this one {key}={mine.get(key)!r}")
+        self._check_state(state)
         self.step = int(state["step"])
         self.generator.set_state(state["generator"])
         self.bn_stats = {k: v.clone() for k, v in state["bn_stats"].items()}

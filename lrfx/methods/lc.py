@@ -51,7 +51,7 @@ from lrfx.api import apply
 from lrfx.batches import split_batch
 from lrfx.decompositions import Spectrum
 from lrfx.errors import LrfxError
-from lrfx.methods._targets import Target, find_targets, unwrap, weights_of
+from lrfx.methods._targets import Method, Target, find_targets, unwrap, weights_of
 from lrfx.modules import Factored
 from lrfx.passes.allocation import (
     Candidate,
@@ -78,7 +78,7 @@ def _positive(value: Any, name: str) -> float:
     return float(value)
 
 
-class LC:
+class LC(Method):
     """The LC rank-selection algorithm as hooks for your training loop.
 
     Args:
@@ -167,7 +167,7 @@ class LC:
         self.criterion = criterion or (lambda out, y: F.cross_entropy(logits_of(out), y))
         self.targets, self.skipped, analysis = find_targets(
             model, example_inputs, scheme=scheme, layers=layers,
-            exclude=(exclude,) if isinstance(exclude, (str, type)) else tuple(exclude),
+            exclude=exclude,
             method="LC")
         self._records = {t.name: analysis[t.name] for t in self.targets}
         self.metric = cost if alpha is not None else ("macs" if macs is not None else "params")
@@ -285,9 +285,6 @@ class LC:
 
     # --- hooks ------------------------------------------------------------------------------------
 
-    def _model(self, model: nn.Module | None) -> nn.Module:
-        return self.model if model is None else model
-
     def penalty(self, model: nn.Module | None = None) -> torch.Tensor:
         """``sum_l mu/2 ||W_l - Theta_l - lambda_l/mu||^2``: add it to the L step's loss."""
         total: torch.Tensor | None = None
@@ -355,13 +352,7 @@ class LC:
         Raises:
             LrfxError: The state is of another method or of other settings.
         """
-        if state.get("method") != self.name:
-            raise LrfxError(f"LC.load_state_dict: this state is of {state.get('method')!r}")
-        mine = self.settings()
-        for key, value in dict(state.get("settings", {})).items():
-            if mine.get(key) != value:
-                raise LrfxError(f"LC.load_state_dict: the state has {key}={value!r}, this LC "
-                                f"{key}={mine.get(key)!r}; build the LC as it was built")
+        self._check_state(state)
         self.step, self.epochs, self.mu = int(state["step"]), int(state["epochs"]), state["mu"]
         self.multipliers = dict(state["multipliers"])
         self.theta = dict(state["theta"])

@@ -37,7 +37,7 @@ from torch import nn
 from lrfx.api import apply
 from lrfx.decompositions import Spectrum
 from lrfx.errors import LrfxError
-from lrfx.methods._targets import Target, find_targets, plan_of, unwrap, weights_of
+from lrfx.methods._targets import Method, Target, find_targets, plan_of, unwrap, weights_of
 from lrfx.passes.allocation import allocate_energy, build_options, fill_budget, make_budget
 from lrfx.plan import RankPlan
 
@@ -51,7 +51,7 @@ def _svd(t: Target, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
         return torch.linalg.svd(t.matrices(w.detach().to(dtype)), full_matrices=False)
 
 
-class TRP:
+class TRP(Method):
     """Trained Rank Pruning as hooks for your training loop.
 
     Args:
@@ -136,7 +136,7 @@ class TRP:
         self.scheme = scheme
         self.targets, self.skipped, analysis = find_targets(
             model, example_inputs, scheme=scheme, layers=layers,
-            exclude=(exclude,) if isinstance(exclude, (str, type)) else tuple(exclude),
+            exclude=exclude,
             method="TRP")
         self._records = {t.name: analysis[t.name] for t in self.targets}
         self.budget_setting = {"macs": macs, "params": params}
@@ -179,9 +179,6 @@ class TRP:
                 for t in self.targets}
 
     # --- hooks ------------------------------------------------------------------------------------
-
-    def _model(self, model: nn.Module | None) -> nn.Module:
-        return self.model if model is None else model
 
     @torch.no_grad()
     def after_backward(self, model: nn.Module | None = None) -> None:
@@ -295,13 +292,7 @@ class TRP:
         Raises:
             LrfxError: The state is of another method or of other settings.
         """
-        if state.get("method") != self.name:
-            raise LrfxError(f"TRP.load_state_dict: this state is of {state.get('method')!r}")
-        mine = self.settings()
-        for key, value in dict(state.get("settings", {})).items():
-            if mine.get(key) != value:
-                raise LrfxError(f"TRP.load_state_dict: the state has {key}={value!r}, this "
-                                f"TRP {key}={mine.get(key)!r}; build the TRP as it was built")
+        self._check_state(state)
         self.step = int(state["step"])
         self.ranks = {str(k): int(v) for k, v in state["ranks"].items()}
         self._cache.clear()
