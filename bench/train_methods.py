@@ -1,12 +1,13 @@
 """Training-time methods on real data: TRP, LC and Decomposable-Net against the post-training
-path, Fashion-MNIST ResNet-20, at equal training epochs.
+path, Fashion-MNIST ResNet-20 (or the small VGG), at equal training epochs.
 
-    .venv/bin/python bench/train_methods.py            # about 45 min on 2 cores
+    .venv/bin/python bench/train_methods.py                      # about 45 min on 2 cores
+    .venv/bin/python bench/train_methods.py --model vgg_small
 
-Every arm starts from the committed dense checkpoint (``bench/checkpoints/resnet20_fmnist.pt``:
-8 epochs, 92.67 % on the 10k test images) and gets the same ``--epochs`` more passes over the 60k
-training images (SGD, Nesterov momentum 0.9, cosine learning rate from ``--lr`` to 0, batch 128,
-the shift/flip augmentation of ``bench/train_fmnist.py``, one seed):
+Every arm starts from the committed dense checkpoint (``bench/checkpoints/<model>_fmnist.pt``:
+8 epochs; ResNet-20 92.67 %, VGG 93.22 % on the 10k test images) and gets the same ``--epochs``
+more passes over the 60k training images (SGD, Nesterov momentum 0.9, cosine learning rate from
+``--lr`` to 0, batch 128, the shift/flip augmentation of ``bench/train_fmnist.py``, one seed):
 
 * ``dense`` — plain training (the reference every budget is compared with);
 * ``post`` — the strongest post-training path: ``lrfx.compress`` (lc allocator, whitened and
@@ -48,19 +49,20 @@ from torch import nn
 
 import lrfx
 from lrfx.contrib.data import load_fashion_mnist
-from lrfx.contrib.zoo import resnet20
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from train_fmnist import accuracy, augment  # noqa: E402
+from train_fmnist import accuracy, augment, build  # noqa: E402
 
-CHECKPOINT = ROOT / "checkpoints" / "resnet20_fmnist.pt"
 X1 = torch.zeros(1, 1, 28, 28)
+MODEL = "resnet20"
 
 
 def dense_model() -> nn.Module:
-    model = resnet20(in_channels=1)
-    model.load_state_dict(torch.load(CHECKPOINT, map_location="cpu", weights_only=True))
+    """The committed dense checkpoint of ``MODEL`` (``--model``)."""
+    model = build(MODEL)
+    checkpoint = ROOT / "checkpoints" / f"{MODEL}_fmnist.pt"
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
     return model
 
 
@@ -73,9 +75,9 @@ class Data:
         self.batch, self.seed = batch, seed
         g = torch.Generator().manual_seed(seed + 1)
         pick = torch.randperm(len(self.xtr), generator=g)[:1024]
-        self.calibration = [self.xtr[pick[i:i + 128]] for i in range(0, 1024, 128)]
+        self.calibration = [self.xtr[pick[i:i + 128]] for i in range(0, len(pick), 128)]
         self.monitor = [(self.xtr[pick[i:i + 128]], self.ytr[pick[i:i + 128]])
-                        for i in range(0, 512, 128)]
+                        for i in range(0, min(512, len(pick)), 128)]
 
     @property
     def steps_per_epoch(self) -> int:
@@ -338,8 +340,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.plot(*zip(*pts, strict=True), marker="D", label="Decomposable-Net (one model)")
     ax.set_xlabel("MACs (fraction of dense)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Fashion-MNIST ResNet-20, {results['config']['epochs']} epochs from the "
-                 "dense checkpoint")
+    ax.set_title(f"Fashion-MNIST {results['config']['model']}, {results['config']['epochs']} "
+                 "epochs from the dense checkpoint")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -348,6 +350,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet20", choices=("resnet20", "vgg_small"))
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--budgets", default="0.6,0.45,0.3")
     ap.add_argument("--methods", default="dense,post,trp,lc,dnet")
@@ -364,8 +367,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--overhead-steps", type=int, default=20)
-    ap.add_argument("--out", default=str(ROOT / "results" / "train_methods.json"))
+    ap.add_argument("--out", default=None,
+                    help="default bench/results/train_methods.json (resnet20) or "
+                         "train_methods_<model>.json")
     args = ap.parse_args()
+    global MODEL
+    MODEL = args.model
+    if args.out is None:
+        name = "train_methods" + ("" if MODEL == "resnet20" else f"_{MODEL}")
+        args.out = str(ROOT / "results" / f"{name}.json")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     torch.manual_seed(args.seed)
