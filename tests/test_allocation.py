@@ -24,6 +24,7 @@ from lrfx.passes.allocation import (
     LayerOptions,
     allocate_energy,
     allocate_global_sigma,
+    allocate_lagrangian,
     allocate_lc,
     build_options,
     check_reachable,
@@ -95,6 +96,28 @@ def test_lc_is_optimal_against_brute_force() -> None:
         assert cost_of(choice, fixed) <= target
         got = sum(c.error for c in choice.values())
         assert got == pytest.approx(_brute_force(options, target - fixed), abs=1e-12)
+
+
+def test_lagrangian_choice_minimizes_error_plus_priced_cost_per_layer() -> None:
+    rng = random.Random(7)
+    for _ in range(20):
+        options = _random_options(rng)
+        previous = None
+        for m in (0.0, 1e-3, 1e-2, 0.1, 1.0):
+            choice, settings = allocate_lagrangian(options, m)
+            assert settings["lambda"] == m
+            for o in options:
+                best = min(c.error + m * c.cost for c in o.candidates)
+                c = choice[o.name]
+                assert c.error + m * c.cost == pytest.approx(best, abs=1e-12)
+                # ties go to the cheapest candidate
+                assert c.cost == min(x.cost for x in o.candidates
+                                     if x.error + m * x.cost <= best + 1e-12)
+            cost = cost_of(choice, 0)
+            assert previous is None or cost <= previous  # a higher price never costs more
+            previous = cost
+    with pytest.raises(lrfx.LrfxError, match="multiplier"):
+        allocate_lagrangian(_random_options(rng), -1.0)
 
 
 def test_lc_at_the_full_budget_keeps_everything_dense() -> None:
