@@ -19,16 +19,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrfx.analysis import Analysis
+from lrfx.analysis import Analysis, LayerRecord
 from lrfx.api import analyze
 from lrfx.config import LayerRules, _selector, _specificity
 from lrfx.cost import ConvGeometry, Geometry, dense_cost
-from lrfx.decompositions import Unfolding, get_unfolding
+from lrfx.decompositions import Spectrum, Unfolding, get_unfolding
 from lrfx.errors import LrfxError
+from lrfx.passes.allocation import LayerOptions, build_options
 from lrfx.plan import LayerPlan, RankPlan
 from lrfx.schemes import get_scheme
 
-__all__ = ["Method", "Target", "find_targets", "plan_of", "unwrap", "weights_of"]
+__all__ = [
+    "Method", "Target", "candidate_options", "find_targets", "plan_of", "unwrap", "weights_of",
+]
 
 #: Layer kinds a training-time method can keep low-rank.
 _KINDS = ("linear", "conv1d", "conv2d", "conv3d")
@@ -55,16 +58,26 @@ class Target:
     def unfolding(self) -> Unfolding:
         return get_unfolding(get_scheme(self.scheme).unfoldings[0])
 
-    @property
-    def max_rank(self) -> int:
-        return get_scheme(self.scheme).max_rank(self.calls[0])[0]
-
     def matrices(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight as ``(groups, rows, cols)`` matrices of the scheme's unfolding."""
         return self.unfolding.matrix(weight, self.groups)
 
     def fold(self, mats: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         return self.unfolding.fold(mats, shape, self.groups)
+
+    def svd(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(U, S, Vh)`` of the weight's matrices, detached, in float32 at least (there is no
+        half-precision SVD) and outside autocast, on the weight's device."""
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        with torch.autocast(weight.device.type, enabled=False):
+            return torch.linalg.svd(self.matrices(weight.detach().to(dtype)),
+                                    full_matrices=False)
+
+    def truncation(self, svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rank: int,
+                   shape: Sequence[int]) -> torch.Tensor:
+        """The rank-``rank`` truncation from :meth:`svd`'s factors, in the weight's shape."""
+        u, s, vh = svd
+        return self.fold((u[..., :rank] * s[..., None, :rank]) @ vh[..., :rank, :], shape)
 
     def costs(self, rank: int) -> tuple[int, int]:
         """``(factored MACs, dense MACs)`` over every call."""
@@ -213,6 +226,20 @@ def find_targets(
         raise LrfxError(f"{method}: no layer to train low-rank (layers={layers!r}); skipped: "
                         + "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:6]))
     return targets, skipped, analysis
+
+
+def candidate_options(targets: Sequence[Target], records: Mapping[str, LayerRecord], metric: str,
+                      values: Mapping[str, torch.Tensor]) -> list[LayerOptions]:
+    """Each target's allocation candidates (:func:`build_options`: its scheme, ranks below
+    break-even, costs from the cost model) with errors from the singular values ``values[name]``
+    (``(groups, k)``) of the weight the method holds now."""
+    spectra = {t.name: {t.unfolding.name: Spectrum(values[t.name].detach().double().cpu())}
+               for t in targets}
+    out = []
+    for t in targets:
+        (o,) = build_options([records[t.name]], metric=metric, schemes=t.scheme, spectra=spectra)
+        out.append(o)
+    return out
 
 
 class Method:

@@ -211,9 +211,7 @@ class DecomposableNet(Method):
         values: dict[str, np.ndarray] = {}
         with torch.no_grad():
             for t, w in zip(self.targets, weights, strict=True):
-                mats = t.matrices(w.detach().to(torch.promote_types(w.dtype, torch.float32)))
-                with torch.autocast(w.device.type, enabled=False):
-                    svds[t.name] = torch.linalg.svd(mats, full_matrices=False)
+                svds[t.name] = t.svd(w)
                 values[t.name] = svds[t.name][1].amax(dim=0).cpu().numpy()
         ranks = global_sigma_ranks(values, rho, self.rank_min)
         overrides: dict[str, torch.Tensor] = {}

@@ -49,26 +49,19 @@ from torch.func import functional_call
 
 from lrfx.api import apply
 from lrfx.batches import split_batch
-from lrfx.decompositions import Spectrum
 from lrfx.errors import LrfxError
-from lrfx.methods._targets import Method, Target, find_targets, unwrap, weights_of
+from lrfx.methods._targets import Method, candidate_options, find_targets, unwrap, weights_of
 from lrfx.modules import Factored
 from lrfx.passes.allocation import (
     Candidate,
     allocate_lagrangian,
     allocate_lc,
-    build_options,
     make_budget,
 )
 from lrfx.plan import LayerPlan, RankPlan
 from lrfx.training import logits_of
 
 __all__ = ["LC", "ProductDecay"]
-
-
-def _svd(t: Target, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with torch.autocast(m.device.type, enabled=False):
-        return torch.linalg.svd(t.matrices(m), full_matrices=False)
 
 
 def _positive(value: Any, name: str) -> float:
@@ -190,14 +183,6 @@ class LC(Method):
 
     # --- the C step -------------------------------------------------------------------------------
 
-    def _options(self, spectra: dict[str, dict[str, Spectrum]]) -> list[Any]:
-        out = []
-        for t in self.targets:
-            rec = self._records[t.name]
-            (o,) = build_options([rec], metric=self.metric, schemes=t.scheme, spectra=spectra)
-            out.append(o)
-        return out
-
     def _choose(self, options: Sequence[Any]) -> dict[str, Candidate]:
         if self.budget is None:
             assert self.alpha is not None
@@ -209,28 +194,25 @@ class LC(Method):
     @torch.no_grad()
     def _compress(self, model: nn.Module, update: bool) -> None:
         weights = weights_of(model, self.targets)
-        svds: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        spectra: dict[str, dict[str, Spectrum]] = {}
+        shifted: dict[str, torch.Tensor] = {}  # M = W - lambda / mu
+        svds: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for t, w in zip(self.targets, weights, strict=True):
             m = w.detach().to(torch.promote_types(w.dtype, torch.float32))
             lam = self.multipliers.get(t.name)
             if lam is not None:
                 m = m - lam.to(m.device) / self.mu
-            u, s, vh = _svd(t, m)
-            svds[t.name] = (m, u, s, vh)
-            spectra[t.name] = {t.unfolding.name: Spectrum(s.detach().double().cpu())}
-        choice = self._choose(self._options(spectra))
+            shifted[t.name], svds[t.name] = m, t.svd(m)
+        values = {n: s for n, (_, s, _) in svds.items()}
+        choice = self._choose(candidate_options(self.targets, self._records, self.metric, values))
         macs = self.total_macs - sum(r.macs for r in self._records.values())
         params = self.total_params - sum(r.params for r in self._records.values())
         for t, w in zip(self.targets, weights, strict=True):
             c = choice[t.name]
-            m, u, s, vh = svds[t.name]
             if c.scheme == "dense":
-                theta, rank = m, None
+                theta, rank = shifted[t.name], None
             else:
                 rank = int(c.rank)  # type: ignore[arg-type]
-                theta = t.fold((u[..., :rank] * s[..., None, :rank]) @ vh[..., :rank, :],
-                               w.shape)
+                theta = t.truncation(svds[t.name], rank, w.shape)
             if update:  # lambda <- lambda - mu (W - Theta)
                 self.multipliers[t.name] = (self.multipliers[t.name].to(w.device)
                                             - self.mu * (w.detach().to(theta.dtype) - theta))

@@ -37,18 +37,18 @@ from torch import nn
 from lrfx.api import apply
 from lrfx.decompositions import Spectrum
 from lrfx.errors import LrfxError
-from lrfx.methods._targets import Method, Target, find_targets, plan_of, unwrap, weights_of
-from lrfx.passes.allocation import allocate_energy, build_options, fill_budget, make_budget
+from lrfx.methods._targets import (
+    Method,
+    candidate_options,
+    find_targets,
+    plan_of,
+    unwrap,
+    weights_of,
+)
+from lrfx.passes.allocation import allocate_energy, fill_budget, make_budget
 from lrfx.plan import RankPlan
 
 __all__ = ["TRP"]
-
-
-def _svd(t: Target, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # float32 at least (no half-precision SVD); autocast must not lower it
-    dtype = torch.promote_types(w.dtype, torch.float32)
-    with torch.autocast(w.device.type, enabled=False):
-        return torch.linalg.svd(t.matrices(w.detach().to(dtype)), full_matrices=False)
 
 
 class TRP(Method):
@@ -165,13 +165,7 @@ class TRP(Method):
         the energy the budget allows (a layer the allocator leaves dense keeps every value)."""
         if self.budget is None:
             return {n: self.rank_of(s) for n, s in values.items()}
-        spectra = {t.name: {t.unfolding.name: Spectrum(values[t.name].detach().double().cpu())}
-                   for t in self.targets}
-        options = []
-        for t in self.targets:
-            (o,) = build_options([self._records[t.name]], metric=self.budget.metric,
-                                 schemes=t.scheme, spectra=spectra)
-            options.append(o)
+        options = candidate_options(self.targets, self._records, self.budget.metric, values)
         choice, _ = allocate_energy(options, self.budget, self._fixed)
         choice = fill_budget(choice, options, self._fixed, self.budget)  # as lrfx.allocate does
         return {t.name: (int(values[t.name].shape[-1]) if choice[t.name].scheme == "dense"
@@ -188,7 +182,7 @@ class TRP(Method):
             return
         weights = weights_of(self._model(model), self.targets)
         if len(self.ranks) < len(self.targets):  # before the first projection: the rule's ranks
-            svals = {t.name: _svd(t, w)[1] for t, w in zip(self.targets, weights, strict=True)}
+            svals = {t.name: t.svd(w)[1] for t, w in zip(self.targets, weights, strict=True)}
             initial = self._rule(svals)
         for t, w in zip(self.targets, weights, strict=True):
             if w.grad is None:
@@ -197,7 +191,7 @@ class TRP(Method):
             if cached is not None and cached[0] == w._version:
                 direction = cached[1]
             else:
-                u, _, vh = _svd(t, w)
+                u, _, vh = t.svd(w)
                 k = self.ranks[t.name] if t.name in self.ranks else initial[t.name]
                 direction = t.fold(u[..., :k] @ vh[..., :k, :], w.shape)
             w.grad.add_(direction.to(w.grad.dtype), alpha=self.lambda_nuc)
@@ -216,15 +210,14 @@ class TRP(Method):
             The rank of each target.
         """
         weights = weights_of(self._model(model), self.targets)
-        svds = {t.name: _svd(t, w) for t, w in zip(self.targets, weights, strict=True)}
+        svds = {t.name: t.svd(w) for t, w in zip(self.targets, weights, strict=True)}
         ranks = self._rule({n: s for n, (_, s, _) in svds.items()})
         for t, w in zip(self.targets, weights, strict=True):
-            u, s, vh = svds[t.name]
+            u, _, vh = svds[t.name]
             k = ranks[t.name]
-            uk, vhk = u[..., :k], vh[..., :k, :]
-            w.copy_(t.fold((uk * s[..., None, :k]) @ vhk, w.shape).to(w.dtype))
+            w.copy_(t.truncation(svds[t.name], k, w.shape).to(w.dtype))
             self.ranks[t.name] = k
-            self._cache[t.name] = (w._version, t.fold(uk @ vhk, w.shape))
+            self._cache[t.name] = (w._version, t.fold(u[..., :k] @ vh[..., :k, :], w.shape))
         return dict(self.ranks)
 
     # --- the result -------------------------------------------------------------------------------
@@ -242,14 +235,12 @@ class TRP(Method):
         if not redo:
             return ranks, {}
         by_name = dict(zip([t.name for t in self.targets], weights, strict=True))
-        svds = {t.name: _svd(t, by_name[t.name]) for t in redo}
+        svds = {t.name: t.svd(by_name[t.name]) for t in redo}
         ranks.update(self._rule({n: s for n, (_, s, _) in svds.items()}))
         moved = {}
         for t in redo:
-            u, s, vh = svds[t.name]
-            k, w = ranks[t.name], by_name[t.name]
-            moved[t.name] = t.fold((u[..., :k] * s[..., None, :k]) @ vh[..., :k, :],
-                                   w.shape).to(w.dtype)
+            w = by_name[t.name]
+            moved[t.name] = t.truncation(svds[t.name], ranks[t.name], w.shape).to(w.dtype)
         return ranks, moved
 
     def plan(self, model: nn.Module | None = None) -> RankPlan:
