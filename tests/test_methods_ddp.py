@@ -79,6 +79,9 @@ def _worker(rank: int, world: int, store: str, name: str, out: str) -> None:
         _run(model, ddp, method, slice(rank * half, (rank + 1) * half))
         if rank == 0:
             torch.save(model.state_dict(), out)
+        # both processes leave together: a process tearing gloo down while its peer still
+        # talks to it can abort the peer ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
