@@ -29,11 +29,15 @@ from lrfx._version import __version__
 if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs
     from lrfx.analysis import Analysis, LayerRecord
     from lrfx.api import (
+        add_rank_gates,
         allocate,
         analyze,
         apply,
+        channel_groups,
+        channel_plan,
         compress,
         count_macs,
+        fold_gates,
         load,
         profile_latency,
         recalibrate_bn,
@@ -58,7 +62,7 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs
     from lrfx.io import export, save
     from lrfx.latency import LatencyModel, LatencyProfile
     from lrfx.layers import LinearLike, register_linear_like
-    from lrfx.methods import LC, TRP, DecomposableNet, ProductDecay
+    from lrfx.methods import LC, TRP, DecomposableNet, Penalty, ProductDecay, Slimming
     from lrfx.pipeline import (
         GraphPass,
         PassContext,
@@ -67,7 +71,7 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs
         invalidate,
         mark_weights_changed,
     )
-    from lrfx.plan import LayerPlan, PlanEntry, RankPlan
+    from lrfx.plan import ChannelPlan, LayerPlan, PlanEntry, RankPlan
     from lrfx.report import CompressionReport, RewriteRecord
     from lrfx.schemes import Scheme, factored_cost, get_scheme, register_scheme, scheme_names
     from lrfx.tracing import trace
@@ -76,11 +80,15 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs
 _EXPORTS: dict[str, str] = {
     "Analysis": "lrfx.analysis",
     "LayerRecord": "lrfx.analysis",
+    "add_rank_gates": "lrfx.api",
     "allocate": "lrfx.api",
     "analyze": "lrfx.api",
     "apply": "lrfx.api",
+    "channel_groups": "lrfx.api",
+    "channel_plan": "lrfx.api",
     "compress": "lrfx.api",
     "count_macs": "lrfx.api",
+    "fold_gates": "lrfx.api",
     "load": "lrfx.api",
     "profile_latency": "lrfx.api",
     "recalibrate_bn": "lrfx.api",
@@ -110,7 +118,9 @@ _EXPORTS: dict[str, str] = {
     "LatencyProfile": "lrfx.latency",
     "DecomposableNet": "lrfx.methods",
     "LC": "lrfx.methods",
+    "Penalty": "lrfx.methods",
     "ProductDecay": "lrfx.methods",
+    "Slimming": "lrfx.methods",
     "TRP": "lrfx.methods",
     "LinearLike": "lrfx.layers",
     "register_linear_like": "lrfx.layers",
@@ -122,6 +132,7 @@ _EXPORTS: dict[str, str] = {
     "graph_pass": "lrfx.pipeline",
     "invalidate": "lrfx.pipeline",
     "mark_weights_changed": "lrfx.pipeline",
+    "ChannelPlan": "lrfx.plan",
     "LayerPlan": "lrfx.plan",
     "PlanEntry": "lrfx.plan",
     "RankPlan": "lrfx.plan",

@@ -6,7 +6,8 @@ user's model (the model itself is never modified):
 =========  ============================================================================
 analyze    trace -> propagate_shapes -> annotate_costs -> compute_spectra
 allocate   (no model) layer options -> allocator -> fill the budget -> resolved plan
-apply      trace -> propagate_shapes -> annotate_costs -> resolve plan -> factorize
+apply      trace -> propagate_shapes -> annotate_costs -> resolve plan
+           [-> find_channel_groups -> prune_channels -> analyze again] -> factorize
 compress   trace -> propagate_shapes -> annotate_costs [-> collect_input_stats]
            -> compute_spectra (with singular vectors, data-aware with calibration)
            -> allocate -> factorize (factors from the stored vectors) [-> recalibrate BN]
@@ -44,7 +45,7 @@ from lrfx.batches import model_inputs, take_batches
 from lrfx.config import SEQUENTIAL_MEMORY, CompressConfig
 from lrfx.cost import ConvGeometry, LinearGeometry
 from lrfx.decompositions import Spectrum, check_finite
-from lrfx.errors import BudgetInfeasibleError, LrfxError
+from lrfx.errors import BudgetInfeasibleError, LrfxError, UnsupportedLayerError
 from lrfx.facts import (
     attach_facts,
     get_graph_facts,
@@ -54,7 +55,7 @@ from lrfx.facts import (
 from lrfx.inputs import Inputs
 from lrfx.io import PLAN_FILE, WEIGHTS_FILE, verify_saved
 from lrfx.latency import LatencyModel, LatencyProfile, Probe
-from lrfx.modules import Factored
+from lrfx.modules import Factored, Gate
 from lrfx.passes.allocation import (
     ALLOCATORS,
     build_options,
@@ -66,6 +67,7 @@ from lrfx.passes.allocation import (
     resolve_schemes,
     to_plan,
 )
+from lrfx.passes.allocation.channels import allocate_channels, per_channel_params, scale_scores
 from lrfx.passes.analysis import (
     CalibrationOptions,
     SensitivityOptions,
@@ -78,6 +80,7 @@ from lrfx.passes.analysis import (
     measure_slopes,
     propagate_shapes,
 )
+from lrfx.passes.analysis.channels import ChannelGroups, find_channel_groups
 from lrfx.passes.analysis.latency import LayerLatency, measure_layers
 from lrfx.passes.analysis.spectra import layer_weight
 from lrfx.passes.rewrite import (
@@ -88,8 +91,11 @@ from lrfx.passes.rewrite import (
     factorize,
     refit_factors,
 )
+from lrfx.passes.rewrite.gates import fold_gates as fold_gates_pass
+from lrfx.passes.rewrite.gates import insert_gates
+from lrfx.passes.rewrite.prune import PruneOptions, PruneRecord, prune_channels
 from lrfx.pipeline import GraphPass, PassContext, Pipeline
-from lrfx.plan import LayerPlan, RankPlan
+from lrfx.plan import ChannelPlan, LayerPlan, RankPlan
 from lrfx.progress import step
 from lrfx.report import CompressionReport, RewriteRecord
 from lrfx.tracing import call_inputs, capture, check_module, copy_model, eval_mode
@@ -99,8 +105,12 @@ __all__ = [
     "analyze",
     "apply",
     "as_plan",
+    "add_rank_gates",
+    "channel_groups",
+    "channel_plan",
     "compress",
     "count_macs",
+    "fold_gates",
     "load",
     "profile_latency",
     "recalibrate_bn",
@@ -728,13 +738,237 @@ def apply(
     rank_plan = as_plan(plan)
     gm = capture(model, example_inputs, leaf_modules=leaf_modules, mode=mode)
     before = run_analysis(gm, example_inputs, spectra=False)
-    resolved = rank_plan.resolve(before)
+    pruning = _prune_first(gm, rank_plan, before, example_inputs)
+    base, resolved = pruning.base, pruning.lowrank
     _check_weights(gm, resolved)
-    records, _ = _rewrite(gm, resolved, before, model, example_inputs, leaf_modules, mode,
-                          verify)
-    report = _report(before, resolved, None, seconds=time.perf_counter() - t0)
+    records, _ = _rewrite(gm, resolved, base, model, example_inputs, leaf_modules, mode,
+                          verify and not pruning.records)
+    resolved = pruning.merged(resolved)
+    report = pruning.report(_report(base, resolved, None, seconds=time.perf_counter() - t0))
     update_graph_facts(gm, plan=resolved, report=report, rewrites=records)
     return _result(gm)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pruning:
+    """A plan's channel entries applied before its low-rank ones: the channel part resolved
+    against the dense model, the pruning records, the analysis of the pruned model (``base``)
+    and the low-rank part resolved against it."""
+
+    before: Analysis
+    base: Analysis
+    channels: RankPlan
+    lowrank: RankPlan
+    records: tuple[PruneRecord, ...] = ()
+
+    def merged(self, lowrank: RankPlan) -> RankPlan:
+        """The whole resolved plan (totals: the pruned and factored model's)."""
+        if not self.records and not self.channels:
+            return lowrank
+        return RankPlan({**self.channels.layers, **lowrank.layers},
+                        allocator=lowrank.allocator, settings=lowrank.settings,
+                        macs=lowrank.macs, params=lowrank.params)
+
+    def report(self, report: CompressionReport) -> CompressionReport:
+        if not self.channels:
+            return report
+        return dataclasses.replace(
+            report, macs_before=self.before.total_macs, params_before=self.before.total_params,
+            pruned=tuple({"layer": r.name, "channels_before": r.before,
+                          "channels_after": r.after, "members": list(r.members)}
+                         for r in self.records))
+
+
+def _prune_first(gm: fx.GraphModule, plan: RankPlan, before: Analysis,
+                 example_inputs: Any) -> _Pruning:
+    """Apply the plan's channel entries to ``gm`` (checked first: nothing changes on error),
+    analyze the pruned model, and resolve the low-rank entries against it."""
+    if not plan.channels:
+        return _Pruning(before, before, RankPlan({}), plan.resolve(before))
+    channels, lowrank = _split_channels(plan)
+    channels = channels.resolve(before)
+    records = _prune(gm, channels, before)
+    base = run_analysis(gm, example_inputs, spectra=False)
+    return _Pruning(before, base, channels, lowrank.resolve(base), records)
+
+
+def _split_channels(plan: RankPlan) -> tuple[RankPlan, RankPlan]:
+    """The plan's channel entries and the rest (applied after the pruning), same settings."""
+    channels = {k: v for k, v in plan.layers.items() if isinstance(v, ChannelPlan)}
+    rest = {k: v for k, v in plan.layers.items() if k not in channels}
+    return (RankPlan(channels, allocator=plan.allocator, settings=plan.settings),
+            RankPlan(rest, allocator=plan.allocator, settings=plan.settings))
+
+
+def _groups(gm: fx.GraphModule, analysis: Analysis) -> ChannelGroups:
+    if analysis.mode != "fx":
+        raise LrfxError(
+            "channel pruning follows channels through the model's graph, and this model was "
+            f"captured in module mode ({analysis.mode_reason or 'its forward does not trace'}); "
+            "make its top-level forward traceable (or wrap the traceable part) to prune channels")
+    return find_channel_groups(gm, PassContext())
+
+
+def _prune(gm: fx.GraphModule, plan: RankPlan, analysis: Analysis) -> tuple[PruneRecord, ...]:
+    """Prune the plan's channel entries from ``gm`` (checked first; nothing changes on error)."""
+    groups = _groups(gm, analysis)
+    ctx = PassContext(options=[PruneOptions(plan.channels, groups)])
+    return Pipeline([prune_channels]).run(gm, ctx)[prune_channels.name]
+
+
+def channel_plan(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    percent: float | None = None,
+    macs: float | None = None,
+    params: float | None = None,
+    scores: Mapping[str, torch.Tensor] | None = None,
+    scales: str = "all",
+    min_channels: int = 1,
+    leaf_modules: Sequence[type[nn.Module] | str] = (),
+) -> RankPlan:
+    """A channel-pruning plan from per-channel importance (network slimming's allocation).
+
+    By default a channel's importance is its BatchNorm scale ``|gamma|`` — or its rank gate's,
+    in a factored model with gates (:func:`add_rank_gates`) — averaged over the scales of its
+    channel group: train with :class:`lrfx.Slimming` to make them sparse. Groups with no scale
+    are kept whole unless ``scores`` gives them a score, and listed in
+    ``plan.settings["unscored"]``.
+
+    Args:
+        model: The model (not modified).
+        example_inputs: Inputs for tracing and MAC counts.
+        percent: Prune this fraction of all scored channels, one global threshold (the paper).
+        macs: Or prune until the model has at most this fraction of its MACs (bisection on the
+            threshold).
+        params: Or the same for parameters.
+        scores: Per group name (any producer of the group), one score per channel, replacing
+            (or adding to) the learned scales.
+        scales: Which learned scales score channels: ``all``, ``bn`` or ``gates``.
+        min_channels: Channels every group keeps at least (never fewer than one).
+
+    Returns:
+        A :class:`RankPlan` of :class:`ChannelPlan` entries, with predicted MACs and
+        parameters; :func:`apply` it to get the pruned model.
+
+    Example:
+        >>> import torch, torchvision, lrfx
+        >>> net, x = torchvision.models.resnet18(), torch.randn(1, 3, 64, 64)
+        >>> plan = lrfx.channel_plan(net, x, macs=0.5)
+        >>> plan.macs <= 0.5 * lrfx.count_macs(net, x)
+        True
+        >>> lrfx.count_macs(lrfx.apply(net, plan, x), x) == plan.macs
+        True
+    """
+    check_module(model)
+    given = [k for k, v in (("percent", percent), ("macs", macs), ("params", params))
+             if v is not None]
+    if len(given) != 1:
+        raise LrfxError("channel_plan: give exactly one of percent=, macs=, params= "
+                        f"(got {', '.join(given) or 'none'})")
+    for key, v in (("macs", macs), ("params", params)):
+        if v is not None and not (isinstance(v, (int, float)) and 0 < v <= 1):
+            raise LrfxError(f"channel_plan: {key} is a fraction of the dense model's, in (0, 1]; "
+                            f"got {v!r}")
+    gm = capture(model, example_inputs, leaf_modules=leaf_modules)
+    analysis = run_analysis(gm, example_inputs, spectra=False)
+    groups = _groups(gm, analysis)
+    if scales not in ("all", "bn", "gates"):
+        raise LrfxError(f"channel_plan: scales must be 'all', 'bn' or 'gates', got {scales!r}")
+    found = scale_scores(gm, groups, scales)
+    for name, s in (scores or {}).items():
+        if name not in groups:
+            raise LrfxError(f"channel_plan: scores names {name!r}, which produces no channel "
+                            "group; see lrfx.channel_groups for the names")
+        g = groups[name]
+        if not g.prunable:
+            raise UnsupportedLayerError(name, f"its channels cannot be pruned: {g.reason}")
+        t = torch.as_tensor(s).detach().float().cpu().flatten()
+        if t.numel() != g.channels:
+            raise LrfxError(f"channel_plan: scores for {name!r} have {t.numel()} values, the "
+                            f"layer has {g.channels} channels")
+        found[g.index] = t
+    if not found:
+        raise LrfxError("channel_plan: no channel group has a score — the model has no "
+                        "BatchNorm (or rank gate) on a prunable channel group; pass scores= "
+                        "(e.g. weight norms)")
+    metric = "macs" if macs is not None else "params" if params is not None else None
+    target = None
+    if metric is not None:
+        fraction = float(macs if macs is not None else params)  # type: ignore[arg-type]
+        target = fraction * (analysis.total_macs if metric == "macs" else analysis.total_params)
+    return allocate_channels(groups, found, analysis, percent=percent, metric=metric,
+                             target=target, min_channels=min_channels,
+                             per_channel=per_channel_params(gm, groups))
+
+
+def add_rank_gates(model: nn.Module, *, init: float = 1.0) -> fx.GraphModule:
+    """A copy of a factored model with a rank gate after each factor that feeds a channel-mixing
+    factor: one learnable scale per rank component (:class:`lrfx.modules.Gate`), all ``init``.
+
+    Train it with :class:`lrfx.Slimming` (which penalizes the gates like BatchNorm scales), then
+    ``finalize`` prunes the gated rank components and folds the gates into the factors: the
+    factored layers come out at lower ranks.
+
+    Args:
+        model: A factored graph module (the result of :func:`apply` / :func:`compress`).
+        init: The gates' initial value (1: the gated model computes what the model did).
+
+    Example:
+        >>> import torch, lrfx
+        >>> net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(),
+        ...                           torch.nn.Linear(16, 4))
+        >>> x = torch.randn(2, 16)
+        >>> gm = lrfx.apply(net, lrfx.RankPlan({"0": lrfx.LayerPlan("svd", 6)}), x)
+        >>> gated = lrfx.add_rank_gates(gm)
+        >>> gated.get_submodule("0_gate").weight.shape, torch.allclose(gated(x), gm(x))
+        (torch.Size([6]), True)
+    """
+    if not isinstance(model, fx.GraphModule):
+        raise LrfxError("add_rank_gates: the model must be a factored graph module (what "
+                        "lrfx.apply or lrfx.compress return in FX mode); got "
+                        f"{type(model).__name__}")
+    gm = copy_model(model)
+    assert isinstance(gm, fx.GraphModule)
+    added = insert_gates(gm, PassContext())
+    if not added:
+        raise LrfxError("add_rank_gates: the model has no factored layer to gate; factor it "
+                        "first (lrfx.compress or lrfx.apply)")
+    if init != 1.0:
+        with torch.no_grad():
+            for m in gm.modules():
+                if isinstance(m, Gate):
+                    m.weight.fill_(float(init))
+    return gm
+
+
+def fold_gates(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every rank gate multiplied into the factor before it, and each
+    factored layer's ``rank`` set to what its factors have (after pruning gated components)."""
+    if not isinstance(model, fx.GraphModule):
+        raise LrfxError(f"fold_gates: expected a graph module, got {type(model).__name__}")
+    gm = copy_model(model)
+    assert isinstance(gm, fx.GraphModule)
+    fold_gates_pass(gm, PassContext())
+    return gm
+
+
+def channel_groups(model: nn.Module, example_inputs: Any, *,
+                   leaf_modules: Sequence[type[nn.Module] | str] = ()) -> ChannelGroups:
+    """The groups of channels of ``model`` that must be pruned together, prunable or not (with
+    the reason). A plan's channel entry names a group by any of its producers.
+
+    Example:
+        >>> import torch, torchvision, lrfx
+        >>> groups = lrfx.channel_groups(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64))
+        >>> g = groups["conv1"]   # the stem and every block output of the first stage
+        >>> g.channels, g.producers
+        (64, ('conv1', 'layer1.0.conv2', 'layer1.1.conv2'))
+    """
+    check_module(model)
+    gm = capture(model, example_inputs, leaf_modules=leaf_modules)
+    return _groups(gm, run_analysis(gm, example_inputs, spectra=False))
 
 
 def _rewrite(gm: fx.GraphModule, plan: RankPlan, before: Analysis, model: nn.Module,
@@ -1346,14 +1580,15 @@ def load(
     try:
         gm = capture(_blank_copy(model), example_inputs, leaf_modules=leaf_modules, mode=mode,
                      copy=False)
-        before = run_analysis(gm, example_inputs, spectra=False)
-        resolved = plan.resolve(before)
+        pruning = _prune_first(gm, plan, run_analysis(gm, example_inputs, spectra=False),
+                               example_inputs)
     except Exception as exc:  # a forward that needs real weights (branches on them, say)
         log.info("cannot rebuild %s on blank weights (%s); using a full copy",
                  type(model).__name__, exc)
         gm = capture(model, example_inputs, leaf_modules=leaf_modules, mode=mode)
-        before = run_analysis(gm, example_inputs, spectra=False)
-        resolved = plan.resolve(before)
+        pruning = _prune_first(gm, plan, run_analysis(gm, example_inputs, spectra=False),
+                               example_inputs)
+    before, resolved = pruning.base, pruning.lowrank
     records = factorize(gm, FactorizeOptions(plan=resolved, decompose=False))
     _refresh_layers(gm)
     result = _result(gm)
@@ -1362,7 +1597,8 @@ def load(
                     layers=tuple(resolved.layers))
     result.train(bool(manifest.get("training", False)))  # the mode it was saved in
     _check_shapes(result, gm, records, before, example_inputs)
-    report = _report(before, resolved, None, seconds=time.perf_counter() - t0)
+    resolved = pruning.merged(resolved)
+    report = pruning.report(_report(before, resolved, None, seconds=time.perf_counter() - t0))
     facts = update_graph_facts(gm, plan=resolved, report=report, rewrites=records)
     if result is not gm:
         attach_facts(result, facts.replace(capture=dataclasses.replace(facts.capture, root=None)))

@@ -45,6 +45,7 @@ from lrfx.schemes import Rank, get_scheme
 __all__ = [
     "ConvSpec",
     "Factored",
+    "Gate",
     "LowRankMultiheadAttention",
     "build_factored",
     "factor_conv",
@@ -113,6 +114,43 @@ class Factored(nn.Sequential):
                 object.__setattr__(self, "_dense", (key, scheme.compose(weights, groups)))
         assert self._dense is not None
         return self._dense[1]
+
+
+class Gate(nn.Module):
+    """A learnable scale per channel: ``y = x * weight`` along dimension ``dim``.
+
+    Between the two factors of a factored layer it scales each rank component — a *rank gate*:
+    slimmed like a BatchNorm scale (:class:`lrfx.Slimming`), a gate driven to zero is a rank
+    component that can go. The channel analysis treats it like a norm of its channels, the
+    pruning pass slices it, and :func:`lrfx.fold_gates` multiplies it into the factor before it.
+
+    Args:
+        channels: How many channels (rank components) it scales.
+        dim: The channel dimension: 1 for conv activations ``(N, C, ...)``, -1 for linear ones
+            ``(..., C)``.
+        init: The initial scale (1: the gated layer computes what it computed before).
+
+    Example:
+        >>> g = Gate(3, dim=-1)
+        >>> g(torch.ones(2, 3)).tolist()
+        [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
+    """
+
+    def __init__(self, channels: int, dim: int = 1, init: float = 1.0) -> None:
+        super().__init__()
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise LrfxError(f"Gate: channels must be a positive int, got {channels!r}")
+        self.weight = nn.Parameter(torch.full((channels,), float(init)))
+        self.dim = int(dim)
+        self.num_features = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.dim()
+        shape[self.dim] = -1
+        return x * self.weight.view(shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, dim={self.dim}"
 
 
 def _like(g: Geometry) -> dict[str, Any]:

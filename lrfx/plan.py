@@ -26,6 +26,8 @@ types, so the version moved, and version-1 plans (low-rank and dense entries onl
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import math
 import operator
@@ -43,6 +45,7 @@ from lrfx.schemes import get_scheme, scheme_names
 
 __all__ = [
     "FORMAT_VERSION",
+    "ChannelPlan",
     "MIGRATIONS",
     "LayerPlan",
     "PlanEntry",
@@ -121,6 +124,11 @@ class PlanEntry:
     @property
     def lowrank(self) -> bool:
         """Whether the entry factors the layer (a :class:`LayerPlan` with a rank)."""
+        return False
+
+    @property
+    def coupled(self) -> bool:
+        """Whether the entry changes other layers too (so the plan's totals need the graph)."""
         return False
 
     def to_dict(self) -> dict[str, Any]:
@@ -259,6 +267,143 @@ class LayerPlan(PlanEntry):
         return LayerPlan(self.scheme, self.rank, shape, macs, params), Cost(macs, params)
 
 
+@dataclass(frozen=True)
+class ChannelPlan(PlanEntry):
+    """Keep only some output channels of a conv/linear layer — and, with them, the matching
+    channels of everything coupled to them (its norm, its consumers' inputs, the other producers
+    of a residual sum: the layer's channel group, :func:`lrfx.channel_groups`).
+
+    Attributes:
+        scheme: Always ``prune`` (the entry's tag).
+        keep: The output channels kept, increasing, at least one.
+        channels: The layer's number of output channels (a mask's length); checked against the
+            model when the plan is resolved.
+        weight_shape: The weight shape the plan was made for (filled in when resolved).
+
+    Example:
+        >>> entry = ChannelPlan.from_mask([1, 0, 1, 1])
+        >>> entry.keep, entry.channels, entry.pruned
+        ((0, 2, 3), 4, 1)
+        >>> RankPlan({"conv1": entry}).to_dict()["layers"]["conv1"]
+        {'scheme': 'prune', 'keep': [0, 2, 3], 'channels': 4}
+    """
+
+    keys: ClassVar[tuple[str, ...]] = ("scheme", "keep", "channels", "weight_shape")
+
+    scheme: str = "prune"
+    keep: tuple[int, ...] = ()
+    channels: int | None = None
+    weight_shape: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.scheme != "prune":
+            raise LrfxError(f"ChannelPlan: scheme must be 'prune', got {self.scheme!r}")
+        if isinstance(self.keep, (str, bytes)) or not isinstance(self.keep, (list, tuple)):
+            raise LrfxError(f"ChannelPlan: keep must be a list of channel indices, got "
+                            f"{self.keep!r}")
+        keep = tuple(_as_int(k) for k in self.keep)
+        if not all(isinstance(k, int) and not isinstance(k, bool) for k in keep):
+            raise LrfxError(f"ChannelPlan: keep must hold integers, got {self.keep!r}")
+        if not keep:
+            raise LrfxError("ChannelPlan: keep is empty — the plan would remove every channel "
+                            "of the layer; keep at least one")
+        if any(b <= a for a, b in itertools.pairwise(keep)) or keep[0] < 0:
+            raise LrfxError(f"ChannelPlan: keep must be increasing channel indices >= 0 "
+                            f"without repeats, got {list(keep)}")
+        channels = _as_int(self.channels)
+        if channels is not None:
+            if isinstance(channels, bool) or not isinstance(channels, int):
+                raise LrfxError(f"ChannelPlan: channels must be an integer, got {channels!r}")
+            if keep[-1] >= channels:
+                raise LrfxError(f"ChannelPlan: keep names channel {keep[-1]}, but the layer has "
+                                f"{channels} channels (0..{channels - 1})")
+        object.__setattr__(self, "keep", keep)
+        object.__setattr__(self, "channels", channels)
+        if self.weight_shape is not None:
+            object.__setattr__(self, "weight_shape", tuple(int(d) for d in self.weight_shape))
+
+    @classmethod
+    def from_mask(cls, mask: Any) -> ChannelPlan:
+        """The entry keeping the channels where ``mask`` (bools, 0/1, a tensor) is true."""
+        values = [bool(v) for v in (mask.tolist() if hasattr(mask, "tolist") else mask)]
+        if not any(values):
+            raise LrfxError("ChannelPlan.from_mask: the mask keeps no channel — the plan would "
+                            "remove every channel of the layer; keep at least one")
+        return cls("prune", tuple(i for i, v in enumerate(values) if v), len(values))
+
+    @property
+    def pruned(self) -> int | None:
+        """How many channels go (None while the layer's width is not known)."""
+        return None if self.channels is None else self.channels - len(self.keep)
+
+    @property
+    def coupled(self) -> bool:
+        return True
+
+    @property
+    def dense(self) -> bool:
+        return self.channels is not None and len(self.keep) == self.channels
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"scheme": "prune", "keep": list(self.keep)}
+        if self.channels is not None:
+            d["channels"] = self.channels
+        if self.weight_shape is not None:
+            d["weight_shape"] = list(self.weight_shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "ChannelPlan") -> ChannelPlan:
+        unknown = set(d) - set(cls.keys) - {"mask"}
+        if unknown:
+            raise LrfxError(f"{where}: unknown keys {sorted(unknown)}; a channel entry has "
+                            f"{', '.join(cls.keys)} (or a \"mask\" of 0/1 instead of keep)")
+        if "mask" in d:
+            if "keep" in d:
+                raise LrfxError(f"{where}: give keep or mask, not both")
+            mask = d["mask"]
+            if not isinstance(mask, list):
+                raise LrfxError(f"{where}: mask must be a list of 0/1, got {mask!r}")
+            entry = cls.from_mask(mask)
+            if d.get("channels") not in (None, entry.channels):
+                raise LrfxError(f"{where}: the mask has {entry.channels} entries but channels "
+                                f"is {d['channels']}")
+            return dataclasses.replace(entry, weight_shape=_shape_of(d, where))
+        if "keep" not in d:
+            raise LrfxError(f"{where}: a channel entry needs \"keep\": [indices] or "
+                            "\"mask\": [0/1...]")
+        keep = d["keep"]
+        if not isinstance(keep, list):
+            raise LrfxError(f"{where}: keep must be a list of channel indices, got {keep!r}")
+        return cls("prune", tuple(keep), d.get("channels"), _shape_of(d, where))
+
+    def resolve(self, name: str, record: Any) -> tuple[ChannelPlan, Cost]:
+        shape = record.weight_shape
+        if record.kind not in ("linear", "conv1d", "conv2d", "conv3d") or not shape:
+            raise UnsupportedLayerError(
+                name, f"channel pruning names a conv or linear layer whose output channels go; "
+                f"this is a {record.kind}")
+        out = int(shape[0])
+        if self.channels is not None and self.channels != out:
+            raise PlanMismatchError(
+                name, f"the channel entry is for {self.channels} channels (a mask of that "
+                f"length), the layer has {out}; make the mask for this model")
+        if self.keep[-1] >= out:
+            raise PlanMismatchError(name, f"keep names channel {self.keep[-1]}, the layer has "
+                                    f"{out} (0..{out - 1})")
+        return ChannelPlan("prune", self.keep, out, shape), Cost(record.macs, record.params)
+
+
+def _shape_of(d: Mapping[str, Any], where: str) -> tuple[int, ...] | None:
+    ws = d.get("weight_shape")
+    if ws is not None and not isinstance(ws, (list, tuple)):
+        raise LrfxError(f"{where}: weight_shape must be a list of ints, got {ws!r}")
+    return tuple(ws) if ws is not None else None
+
+
+register_entry_type(ChannelPlan, ("prune",))
+
+
 def _check_json_value(v: Any, where: str) -> None:
     if isinstance(v, float) and not math.isfinite(v):
         raise LrfxError(f"{where}: plan settings must be finite numbers, got {v!r}")
@@ -374,6 +519,11 @@ class RankPlan(Mapping[str, PlanEntry]):
         return {k: v for k, v in self.layers.items() if isinstance(v, LayerPlan) and v.lowrank}
 
     @property
+    def channels(self) -> dict[str, ChannelPlan]:
+        """The channel-pruning entries (keyed by a producer of each pruned channel group)."""
+        return {k: v for k, v in self.layers.items() if isinstance(v, ChannelPlan)}
+
+    @property
     def changed(self) -> dict[str, PlanEntry]:
         """Every entry that changes its layer (of any entry type)."""
         return {k: v for k, v in self.layers.items() if not v.dense}
@@ -479,12 +629,14 @@ class RankPlan(Mapping[str, PlanEntry]):
                 raise UnsupportedLayerError(name, str(exc)) from None
             layers[name] = entry
             total = Cost(total.macs - rec.macs + cost.macs, total.params - rec.params + cost.params)
+        # a channel entry changes its consumers too: the totals come from the pruned graph
+        coupled = any(e.coupled for e in layers.values())
         return RankPlan(
             layers,
             allocator=self.allocator,
             settings=self.settings,
-            macs=total.macs,
-            params=total.params,
+            macs=None if coupled else total.macs,
+            params=None if coupled else total.params,
             version=self.version,
         )
 

@@ -69,6 +69,8 @@ class CompressionReport:
             pair); the energy kept is ``1 - error``. Empty without spectra (``lrfx.load``).
         warnings: What the caller should look at (layers compressed to near-uselessness...).
         config: The settings of the call (a :class:`lrfx.CompressConfig` as a dict).
+        pruned: Per pruned channel group (a plan's channel entries): ``layer`` (the entry's
+            name), ``channels_before``, ``channels_after`` and ``members`` (what was sliced).
         latency: With a latency budget: ``dense_ms`` and ``compressed_ms`` (the two models timed
             side by side after the rewrite), ``ratio`` (measured), ``predicted_ms`` and
             ``predicted_ratio`` (the allocator's sum of measured layer times), ``threads``,
@@ -98,6 +100,7 @@ class CompressionReport:
     warnings: tuple[str, ...] = ()
     config: Mapping[str, Any] = field(default_factory=dict)
     latency: Mapping[str, Any] = field(default_factory=dict)
+    pruned: tuple[Mapping[str, Any], ...] = ()
 
     def __iter__(self) -> Iterator[Mapping[str, Any]]:
         return iter(self.layers)
@@ -133,6 +136,7 @@ class CompressionReport:
             "latency": dict(self.latency),
             "layers": [dict(x) for x in self.layers],
             "curves": {k: dict(v) for k, v in self.curves.items()},
+            "pruned": [dict(x) for x in self.pruned],
         }
 
     def table(self) -> str:

@@ -48,6 +48,7 @@ from lrfx.errors import LrfxError, TraceError
 from lrfx.facts import CaptureInfo, GraphFacts, LeafInfo, set_graph_facts
 from lrfx.inputs import Inputs, InputSpec, bind, forward_signature
 from lrfx.layers import linear_like, transforms_weight
+from lrfx.modules import Factored, Gate
 
 __all__ = [
     "ConcreteTracer",
@@ -64,7 +65,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Modules kept as leaves because lrfx models them whole (their internals are counted by formula).
-KNOWN_LEAVES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
+KNOWN_LEAVES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention, Gate)
 
 #: Arguments fixed while capturing in module mode when the caller does not pass them: a cache
 #: is an output lrfx has no use for (and ``torch.export`` cannot return).
@@ -475,11 +476,34 @@ def _positional_calls(graph: fx.Graph) -> None:
         node.kwargs = {}
 
 
+def _keep_factored(gm: fx.GraphModule, root: nn.Module) -> None:
+    """``fx.GraphModule`` copies only the called submodules, under plain ``nn.Module`` parents:
+    a factored layer (traced through, its factors called one by one) would lose its container,
+    scheme and rank. Put the containers back, around the graph module's own factors."""
+    for path, m in root.named_modules():
+        if not isinstance(m, Factored) or not path:
+            continue
+        try:
+            here = gm.get_submodule(path)
+        except AttributeError:
+            continue
+        if type(here) is not nn.Module or len(here._modules) != len(m):
+            continue
+        found = [here._modules.get(str(i)) for i in range(len(m))]
+        pieces = [p for p in found if p is not None]
+        if len(pieces) != len(m):
+            continue
+        owner, _, leaf = path.rpartition(".")
+        setattr(gm.get_submodule(owner) if owner else gm, leaf,
+                Factored(*pieces, scheme=m.scheme, rank=m.rank, like=m._like))
+
+
 def _finish(root: nn.Module, tracer: FallbackTracer, graph: fx.Graph, spec: InputSpec,
             info: CaptureInfo) -> fx.GraphModule:
     name = type(root).__name__
     _positional_calls(graph)
     gm = fx.GraphModule(tracer.root, graph, name)
+    _keep_factored(gm, tracer.root)
     leaves = tuple(tracer.auto_leaves.values()) + _requested_leaves(gm, tracer)
     total_params = sum(p.numel() for p in {id(p): p for p in root.parameters()}.values())
     set_graph_facts(gm, GraphFacts(leaves=leaves, total_params=total_params,

@@ -115,5 +115,6 @@ def test_a_new_entry_type_round_trips_and_resolves(keep_channels: None) -> None:
 
 
 def test_unknown_tags_name_every_valid_one() -> None:
-    with pytest.raises(lrfx.LrfxError, match=r"unknown scheme 'prune'; expected one of svd, "):
-        RankPlan({"fc": {"scheme": "prune"}})
+    with pytest.raises(lrfx.LrfxError, match=r"unknown scheme 'slim'; expected one of svd, .*"
+                       r"dense, prune"):
+        RankPlan({"fc": {"scheme": "slim"}})

@@ -9,12 +9,17 @@ compression (:mod:`lrfx.methods._targets`), and checkpoint with ``state_dict()``
 * :class:`TRP` — Trained Rank Pruning (energy-rank projection + nuclear-norm subgradient);
 * :class:`LC` — the LC algorithm (L steps with a quadratic coupling, exact C steps, multipliers),
   and :class:`ProductDecay` for fine-tuning its factored result;
-* :class:`DecomposableNet` — one set of weights trained to work at any size.
+* :class:`DecomposableNet` — one set of weights trained to work at any size;
+* :class:`Slimming` — network slimming: l1 / lp / transformed-l1 penalties (:class:`Penalty`) on
+  BatchNorm scales and rank gates, then structural channel pruning.
 """
 
 from lrfx.methods._targets import Target, find_targets, unwrap
 from lrfx.methods.dnet import DecomposableNet
 from lrfx.methods.lc import LC, ProductDecay
+from lrfx.methods.penalties import Penalty
+from lrfx.methods.slimming import Slimming
 from lrfx.methods.trp import TRP
 
-__all__ = ["DecomposableNet", "LC", "ProductDecay", "TRP", "Target", "find_targets", "unwrap"]
+__all__ = ["DecomposableNet", "LC", "Penalty", "ProductDecay", "Slimming", "TRP", "Target",
+           "find_targets", "unwrap"]

@@ -27,6 +27,12 @@ from lrfx.passes.allocation.candidates import (
     make_budget,
     resolve_schemes,
 )
+from lrfx.passes.allocation.channels import (
+    allocate_channels,
+    channel_cost,
+    per_channel_params,
+    scale_scores,
+)
 
 __all__ = [
     "ALLOCATORS",
@@ -36,12 +42,14 @@ __all__ = [
     "Candidate",
     "LayerOptions",
     "allocatable_schemes",
+    "allocate_channels",
     "allocate_energy",
     "allocate_global_sigma",
     "allocate_lagrangian",
     "allocate_lc",
     "allocate_uniform",
     "build_options",
+    "channel_cost",
     "check_budget",
     "latency_options",
     "check_reachable",
@@ -49,7 +57,9 @@ __all__ = [
     "fill_budget",
     "global_sigma_ranks",
     "make_budget",
+    "per_channel_params",
     "prefer_best_scheme",
     "resolve_schemes",
+    "scale_scores",
     "to_plan",
 ]
