@@ -164,13 +164,50 @@ class Shuffle(nn.Module):
 
 def test_unprovable_coupling_is_left_alone_with_the_reason() -> None:
     groups = lrfx.channel_groups(Shuffle(), torch.randn(1, 3, 6, 6))
-    assert "grouped conv" in groups["a"].reason
-    assert not groups["g"].prunable and "grouped conv" in groups["g"].reason
+    assert groups["a"].prunable and groups["a"].blocks == 2  # the grouped conv's two groups
+    assert groups["g"].prunable and groups["g"].blocks == 2
     assert not groups["p"].prunable and "view" in groups["p"].reason
     assert groups["b"].prunable  # after the shuffle, channels are followed again
-    with pytest.raises(UnsupportedLayerError, match=r"'a'.*grouped conv"):
-        lrfx.apply(Shuffle(), RankPlan({"a": ChannelPlan("prune", (0, 1))}),
+    with pytest.raises(UnsupportedLayerError, match=r"'p'.*view"):
+        lrfx.apply(Shuffle(), RankPlan({"p": ChannelPlan("prune", (0, 1))}),
                    torch.randn(1, 3, 6, 6))
+
+
+class Grouped(nn.Module):
+    """RegNet / ResNeXt style: 1x1, grouped 3x3 (4 groups of 3), 1x1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 12, 1)
+        self.bna = nn.BatchNorm2d(12)
+        self.g = nn.Conv2d(12, 8, 3, padding=1, groups=4)
+        self.bng = nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.bng(self.g(torch.relu(self.bna(self.a(x)))))))
+
+
+def test_grouped_conv_prunes_the_same_channels_in_every_group() -> None:
+    model = _randomize_bn(Grouped())
+    x = torch.randn(2, 3, 6, 6)
+    groups = lrfx.channel_groups(model, x)
+    assert groups["a"].blocks == 4 and groups["g"].blocks == 4
+    assert _roles(groups["a"]) == {("out", "a", 0, 1), ("norm", "bna", 0, 1), ("in", "g", 0, 1)}
+    # channel 1 of each group of 3 inputs, channel 0 of each group of 2 outputs
+    plan = RankPlan({"a": ChannelPlan("prune", (0, 2, 3, 5, 6, 8, 9, 11), 12),
+                     "g": ChannelPlan("prune", (1, 3, 5, 7), 8)})
+    out = lrfx.apply(model, plan, x)
+    assert out.g.groups == 4 and out.g.weight.shape == (4, 2, 3, 3)
+    torch.testing.assert_close(out.g.weight, model.g.weight[[1, 3, 5, 7]][:, [0, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), _masked(model, groups, plan)(x))
+    assert plan.resolve(lrfx.analyze(model, x, spectra=False)).channels
+    with pytest.raises(LrfxError, match=r"'a'.*4 groups of 3.*same channels in every group"):
+        lrfx.apply(model, RankPlan({"a": ChannelPlan("prune", (0, 1, 2, 3, 4, 5), 12)}), x)
+    auto = lrfx.channel_plan(model, x, percent=0.5)
+    assert len(auto["a"].keep) % 4 == 0 and auto.macs == lrfx.count_macs(
+        lrfx.apply(model, auto, x), x)
 
 
 class Twice(nn.Module):
@@ -261,7 +298,8 @@ def _masked(model: nn.Module, groups: lrfx.passes.analysis.ChannelGroups,
     return masked
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "densenet121", "efficientnet_b0"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "densenet121", "efficientnet_b0",
+                                  "regnet_x_400mf"])
 def test_pruned_model_equals_masked_model_on_the_zoo(name: str) -> None:
     model = _randomize_bn(getattr(torchvision.models, name)(), seed=1)
     x = torch.randn(2, 3, 64, 64)

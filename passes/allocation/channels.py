@@ -14,9 +14,11 @@ so equal scores — an untrained model's BatchNorms are all 1 — still prune a 
   budget, by bisection on their number; MACs and parameters of a candidate come from
   :func:`channel_cost`, exact for every member kind the groups have.
 
-Every group keeps at least ``min_channels`` channels (its highest-scoring ones), so no layer is
-ever left with none. Groups without a score (no BatchNorm after the producer) are kept whole and
-listed in the plan's settings under ``unscored``.
+A group that grouped convs split into blocks (:attr:`ChannelGroup.blocks`) is pruned in units of
+one channel from every block (scored by the mean over the blocks), so its convs keep equal
+groups. Every group keeps at least ``min_channels`` channels (its highest-scoring ones), so no
+layer is ever left with none. Groups without a score (no BatchNorm after the producer) are kept
+whole and listed in the plan's settings under ``unscored``.
 """
 
 from __future__ import annotations
@@ -91,18 +93,22 @@ def channel_cost(analysis: Analysis, groups: ChannelGroups, keep: Mapping[int, i
         shape = rec.weight_shape or ()
         if len(shape) < 2:
             continue
-        out, cin, k = shape[0], shape[1], math.prod(shape[2:])
+        out, k = shape[0], math.prod(shape[2:])
+        conv_groups = getattr(rec.calls[0], "groups", 1) if rec.calls else 1
+        cin = shape[1] * conv_groups  # all input channels (a grouped conv sees a share)
         bias = rec.params - math.prod(shape)
+        new_groups = conv_groups
         if "depthwise" in roles:
             (i, _), = roles["depthwise"][:1]
-            new_out, new_in = kept[i], cin
+            new_out, new_in, new_groups = kept[i], kept[i], kept[i]
         else:
             new_out = sum(kept[i] for i, _ in roles.get("out", [])) or out
             new_in = cin
             if "in" in roles:
                 new_in = cin - sum((width[i] - kept[i]) * inner for i, inner in roles["in"])
-        new_params = new_out * new_in * k + (new_out if bias else 0)
-        macs += rec.macs * new_out * new_in // (out * cin) - rec.macs
+        # MACs and weights are proportional to out * in / groups
+        new_params = new_out * (new_in // new_groups) * k + (new_out if bias else 0)
+        macs += rec.macs * new_out * (new_in // new_groups) // (out * shape[1]) - rec.macs
         params += new_params - rec.params
     return Cost(int(macs), int(params))
 
@@ -172,25 +178,29 @@ def allocate_channels(
         if s.shape != (by_index[i].channels,):
             raise LrfxError(f"allocate_channels: group {by_index[i].name!r} has "
                             f"{by_index[i].channels} channels but {tuple(s.shape)} scores")
-    # every scored channel in pruning order: lowest score first, ties by group then channel
-    order_group = torch.cat([torch.full((len(v),), i) for i, v in scores.items()]
-                            ) if scores else torch.zeros(0, dtype=torch.long)
-    order_channel = torch.cat([torch.arange(len(v)) for v in scores.values()]
-                              ) if scores else torch.zeros(0, dtype=torch.long)
-    all_scores = torch.cat(list(scores.values())).double() if scores else torch.zeros(0)
-    order = torch.argsort(all_scores, stable=True)
-    floor = {}  # each group's min_channels best channels, kept whatever is pruned
-    for i, v in scores.items():
-        best = torch.argsort(v, descending=True, stable=True)[:min(min_channels, len(v))]
+    # pruning units: a channel, or for a group split by grouped convs into B blocks the same
+    # channel of every block (B channels); its score is the mean over the blocks
+    blocks = {i: by_index[i].blocks for i in scores}
+    units = {i: s.view(blocks[i], -1).mean(0) for i, s in scores.items()}
+    unit_group = torch.cat([torch.full((len(v),), i) for i, v in units.items()]
+                           ) if units else torch.zeros(0, dtype=torch.long)
+    unit_index = torch.cat([torch.arange(len(v)) for v in units.values()]
+                           ) if units else torch.zeros(0, dtype=torch.long)
+    unit_scores = torch.cat(list(units.values())).double() if units else torch.zeros(0)
+    unit_sizes = torch.tensor([blocks[int(i)] for i in unit_group], dtype=torch.long)
+    order = torch.argsort(unit_scores, stable=True)  # lowest first; ties by group, channel
+    floor = {}  # each group's best units, min_channels channels at least, kept whatever goes
+    for i, v in units.items():
+        n_best = min(max(1, math.ceil(min_channels / blocks[i])), len(v))
         floor[i] = torch.zeros(len(v), dtype=torch.bool)
-        floor[i][best] = True
+        floor[i][torch.argsort(v, descending=True, stable=True)[:n_best]] = True
 
     def masks(k: int) -> dict[int, torch.Tensor]:
-        """Prune the ``k`` lowest-scoring channels (a group's floor stays)."""
-        keep = {i: torch.ones(len(v), dtype=torch.bool) for i, v in scores.items()}
+        """Prune the ``k`` lowest-scoring units (a group's floor stays)."""
+        keep = {i: torch.ones(len(v), dtype=torch.bool) for i, v in units.items()}
         for j in order[:k].tolist():
-            keep[int(order_group[j])][int(order_channel[j])] = False
-        return {i: m | floor[i] for i, m in keep.items()}
+            keep[int(unit_group[j])][int(unit_index[j])] = False
+        return {i: (m | floor[i]).repeat(blocks[i]) for i, m in keep.items()}
 
     def cost(m: Mapping[int, torch.Tensor]) -> Cost:
         return channel_cost(analysis, groups, {i: int(k.sum()) for i, k in m.items()},
@@ -199,10 +209,13 @@ def allocate_channels(
     settings: dict[str, Any] = {"min_channels": min_channels,
                                 "unscored": [g.name for g in groups.prunable
                                              if g.index not in scores]}
-    n = len(all_scores)
+    n = len(unit_scores)
     if percent is not None:
         settings["percent"] = percent
-        chosen = masks(math.floor(percent * n))
+        # the most units whose channels are at most percent of all scored channels
+        removed = torch.cumsum(unit_sizes[order], 0)
+        limit = math.floor(percent * int(unit_sizes.sum()))
+        chosen = masks(int((removed <= limit).sum()))
     else:
         assert metric is not None and target is not None
         settings.update(metric=metric, target=int(target),
@@ -231,7 +244,7 @@ def allocate_channels(
         settings["pruned"] = lo
     if n:
         kept = torch.cat([chosen[i] for i in scores])
-        pruned_scores = all_scores[~kept]
+        pruned_scores = torch.cat(list(scores.values())).double()[~kept]
         settings["threshold"] = float(pruned_scores.max()) if len(pruned_scores) else None
     total = cost(chosen)
     entries = {}

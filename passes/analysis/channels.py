@@ -10,7 +10,9 @@ The pass follows each tensor's **channel dimension** through the graph in topolo
 Every conv/linear output starts a new *channel space*; elementwise ops, pooling, norms, depthwise
 convs, permutes and flattens carry spaces along (a flatten remembers how many features each
 channel became); a concatenation along the channel dim lays spaces side by side; an elementwise
-op between two tensors unifies their spaces. Unifications are edges of a :mod:`networkx` graph
+op between two tensors unifies their spaces. A grouped conv couples its input and output
+channels group by group: both sides must keep the same channels in each of its groups (the
+group's ``blocks``), so its groups stay equal. Unifications are edges of a :mod:`networkx` graph
 over spaces, and its connected components are the **groups**. Each group records its *members*:
 what to slice in which module or attribute, at which offset.
 
@@ -26,6 +28,7 @@ graph; returns :class:`ChannelGroups`. Does not mutate.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -111,12 +114,16 @@ class ChannelGroup:
         channels: How many channels the group has.
         members: What is sliced when a channel goes.
         reason: Why the group cannot be pruned (empty when it can).
+        blocks: A grouped conv splits the channels into this many consecutive blocks (its
+            groups), and each block must keep the same channels: a mask is periodic with period
+            ``channels // blocks``. 1 for groups no grouped conv touches.
     """
 
     index: int
     channels: int
     members: tuple[Member, ...]
     reason: str = ""
+    blocks: int = 1
 
     @property
     def prunable(self) -> bool:
@@ -216,6 +223,7 @@ class _Finder:
         self.fixed: dict[int, str] = {}
         self.members: dict[int, list[Member]] = {}
         self.layouts: dict[fx.Node, _Layout] = {}
+        self.blocks: dict[int, int] = {}  # space -> grouped convs' groups it must prune alike
         self.order: dict[int, int] = {}
         calls: dict[str, int] = {}
         for n in gm.graph.nodes:
@@ -363,13 +371,25 @@ class _Finder:
                     raise _UnknownOpError()
                 self.add(x, "in", name, node)
             return self.produce(m.out_channels, name, node, len(shape), 1)
-        if m.groups == m.in_channels == m.out_channels and x is not None and x.dim == 1:
+        if x is None:
+            why = f"the input of {name} comes from an op lrfx does not follow"
+            return self.produce(m.out_channels, name, node, len(shape), 1, why)
+        if x.dim != 1 or x.inner != 1 or x.channels != m.in_channels:
+            raise _UnknownOpError()
+        if m.groups == m.in_channels == m.out_channels:
             self.add(x, "depthwise", name, node)
             return x
-        why = (f"{name} is a grouped conv ({m.groups} groups of {m.in_channels // m.groups}); "
-               "its channels are left whole")
-        self.fix(x, why)
-        return self.produce(m.out_channels, name, node, len(shape), 1, why)
+        if len(x.segs) != 1:
+            why = (f"{name} is a grouped conv over a concatenation; its channels are left "
+                   "whole")
+            self.fix(x, why)
+            return self.produce(m.out_channels, name, node, len(shape), 1, why)
+        # a grouped conv: the same channels go from each of its groups, on both sides
+        self.add(x, "in", name, node)
+        self.blocks[x.segs[0][0]] = math.lcm(self.blocks.get(x.segs[0][0], 1), m.groups)
+        out = self.produce(m.out_channels, name, node, len(shape), 1)
+        self.blocks[out.segs[0][0]] = m.groups
+        return out
 
     def _linear(self, node: fx.Node, m: nn.Linear, x: _Layout | None) -> _Layout:
         name = str(node.target)
@@ -607,7 +627,11 @@ class _Finder:
             reason = reasons[0] if reasons else ""
             if not reason and not producers:
                 reason = "no conv or linear layer produces these channels"
-            out.append(ChannelGroup(len(out), channels, _unique(members), reason))
+            blocks = math.lcm(*(self.blocks.get(s, 1) for s in spaces))
+            if not reason and (channels % blocks or channels == blocks):
+                reason = (f"grouped convs split these {channels} channels into {blocks} groups "
+                          "of one channel or less; they are left whole")
+            out.append(ChannelGroup(len(out), channels, _unique(members), reason, blocks))
         return ChannelGroups(tuple(out))
 
 

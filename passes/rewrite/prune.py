@@ -63,7 +63,8 @@ class PruneRecord:
 def group_masks(channels: Mapping[str, ChannelPlan], groups: ChannelGroups
                 ) -> dict[int, torch.Tensor]:
     """Per group index, the boolean keep-mask of its channels. Checks every entry against its
-    group (prunable, right width, one entry per group).
+    group (prunable, right width, one entry per group, the same channels in every group of a
+    grouped conv).
 
     Raises:
         UnsupportedLayerError: An entry names a layer in no group, or in a group that cannot be
@@ -86,6 +87,12 @@ def group_masks(channels: Mapping[str, ChannelPlan], groups: ChannelGroups
                             f"{g.channels}; make the mask for this model")
         mask = torch.zeros(g.channels, dtype=torch.bool)
         mask[list(entry.keep)] = True
+        if g.blocks > 1 and not bool((mask.view(g.blocks, -1) == mask[:g.channels // g.blocks]
+                                      ).all()):
+            raise LrfxError(
+                f"layer {name!r}: its {g.channels} channels feed or leave a grouped conv, in "
+                f"{g.blocks} groups of {g.channels // g.blocks}: keep the same channels in every "
+                f"group (a mask that repeats every {g.channels // g.blocks} channels)")
         if g.index in masks:
             if not torch.equal(masks[g.index], mask):
                 raise LrfxError(
@@ -159,6 +166,9 @@ def _prune_member(gm: fx.GraphModule, role: str, target: str, dim: int,
         else:
             m.out_features = n
     elif role == "in":
+        if isinstance(m, _CONVS) and m.groups > 1:
+            # idx is over all input channels and keeps the same ones in every group
+            idx = idx[idx < m.in_channels // m.groups]
         _set(m, "weight", _take(m.weight, 1, idx))
         if isinstance(m, _CONVS):
             m.in_channels = n
@@ -228,10 +238,10 @@ def _member_size(gm: fx.GraphModule, role: str, target: str, dim: int) -> int:
     if role == "param":
         owner, _, attr = target.rpartition(".")
         return int(getattr(gm.get_submodule(owner) if owner else gm, attr).shape[dim])
-    m = gm.get_submodule(target)
+    m: Any = gm.get_submodule(target)
     w = getattr(m, "weight", None)
     if role == "in":
-        return int(w.shape[1]) if w is not None else 0
+        return int(m.in_channels if isinstance(m, _CONVS) else m.in_features)
     if role == "norm":
         if isinstance(m, nn.LayerNorm):
             return int(m.normalized_shape[0])
