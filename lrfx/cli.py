@@ -102,6 +102,37 @@ def _apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune(args: argparse.Namespace) -> int:
+    from lrfx.api import apply, channel_plan
+    from lrfx.contrib.models import load_model
+    from lrfx.io import save
+
+    given = [k for k in ("macs", "params", "percent") if getattr(args, k) is not None]
+    if len(given) != 1:
+        raise LrfxError("lrfx prune: give one of --macs, --params, --percent")
+    out = _prepare_output(args.output, args.force)
+    model, default = load_model(args.model)
+    inputs = _inputs_for(args.model, args.input, default)
+    plan = channel_plan(model, inputs, macs=args.macs, params=args.params, percent=args.percent,
+                        min_channels=args.min_channels)
+    result = apply(model, plan, inputs)
+    save(result, out, model_spec=args.model)
+    report = _report_of(result)
+    written = _write_report(report, out)
+    width = max((len(r["layer"]) for r in report.pruned), default=5)
+    print(f"{'group':<{width}}  channels")
+    for r in report.pruned:
+        print(f"{r['layer']:<{width}}  {r['channels_before']:>5} -> {r['channels_after']}")
+    unscored = plan.settings.get("unscored") or []
+    if unscored:
+        print(f"kept whole (no BatchNorm scale): {', '.join(unscored)}")
+    print(f"MACs {report.macs_before:,} -> {report.macs_after:,} ({report.macs_ratio:.3f}x), "
+          f"params {report.params_before:,} -> {report.params_after:,}")
+    print(f"wrote {out}/ (plan.json, weights.safetensors, manifest.json, model_code.py, "
+          f"{', '.join(written)})")
+    return 0
+
+
 def _report_of(result: Any) -> Any:
     from lrfx.facts import facts_of
 
@@ -505,6 +536,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write into a non-empty output folder, replacing lrfx's own files")
     p.add_argument("--input", action="append", metavar="SHAPE", help="as for lrfx analyze")
     p.set_defaults(run=_apply)
+
+    p = sub.add_parser(
+        "prune",
+        help="prune channels structurally by BatchNorm scale (network slimming's criterion)",
+        description="Rank every prunable channel by |BatchNorm scale| (averaged over the "
+        "channels that must go together: residual sums, concatenations, grouped convs...), "
+        "remove the lowest ones globally for the budget, and save the pruned model like lrfx "
+        "apply. Train with lrfx.Slimming first to make the scales sparse.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  lrfx prune torchvision:resnet18 --macs 0.5 -o out/\n"
+        "  lrfx prune mypkg.models:build --percent 0.3 -o out/ --input 1x3x32x32\n",
+    )
+    p.add_argument("model", metavar="MODEL", help="as for lrfx analyze")
+    p.add_argument("--macs", type=float, metavar="F", help="keep at most this fraction of MACs")
+    p.add_argument("--params", type=float, metavar="F",
+                   help="keep at most this fraction of parameters")
+    p.add_argument("--percent", type=float, metavar="P",
+                   help="prune this fraction of the scored channels (the paper's rule)")
+    p.add_argument("--min-channels", type=int, default=1, metavar="N",
+                   help="channels every group keeps at least (default 1)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty output folder, replacing lrfx's own files")
+    p.add_argument("--input", action="append", metavar="SHAPE", help="as for lrfx analyze")
+    p.set_defaults(run=_prune)
 
     p = sub.add_parser(
         "export",

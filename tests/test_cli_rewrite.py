@@ -172,3 +172,23 @@ def test_apply_and_export_usage_errors(
     with pytest.raises(SystemExit) as info:
         main(["export", str(tmp_path / "empty"), "--format", "tflite"])
     assert info.value.code == 2
+
+
+def test_prune_removes_channels_saves_and_exports(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "pruned"
+    assert main(["prune", SPEC, "--percent", "0.5", "-o", str(out), "--input", "1x3x16x16"]) == 0
+    printed = capsys.readouterr().out
+    assert "conv1" in printed and "8 -> 4" in printed
+    assert "kept whole (no BatchNorm scale): conv2" in printed
+    saved = lrfx.RankPlan.from_json((out / "plan.json").read_text())
+    assert set(saved.channels) == {"conv1"} and len(saved["conv1"].keep) == 4  # type: ignore
+    x = torch.randn(2, 3, 16, 16)
+    loaded = lrfx.load(out, small_cnn(), x[:1])
+    assert loaded.conv1.weight.shape == (4, 3, 3, 3) and loaded.conv2.weight.shape == (16, 4, 3, 3)
+    assert loaded(x).shape == (2, 10)
+    assert main(["export", str(out), "--format", "onnx"]) == 0
+    assert (out / "model.onnx").exists()
+    assert main(["prune", SPEC, "-o", str(tmp_path / "x"), "--input", "1x3x16x16"]) == 2
+    assert "one of --macs, --params, --percent" in capsys.readouterr().err

@@ -193,7 +193,8 @@ def allocate_channels(
     for i, v in units.items():
         n_best = min(max(1, math.ceil(min_channels / blocks[i])), len(v))
         floor[i] = torch.zeros(len(v), dtype=torch.bool)
-        floor[i][torch.argsort(v, descending=True, stable=True)[:n_best]] = True
+        # the last in pruning order (ties broken as the order breaks them)
+        floor[i][torch.argsort(v, stable=True)[len(v) - n_best:]] = True
 
     def masks(k: int) -> dict[int, torch.Tensor]:
         """Prune the ``k`` lowest-scoring units (a group's floor stays)."""
