@@ -136,6 +136,22 @@ class ChannelLast(nn.Module):
         return self.head(x + self.scale * y)
 
 
+def test_upsampling_and_spatial_slicing_keep_the_channels() -> None:
+    class Up(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 1)
+            self.up, self.out = nn.Upsample(scale_factor=2), nn.Conv2d(6, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = nn.functional.interpolate(self.a(x)[:, :, ::2, ::2], scale_factor=2.0)
+            return self.out(self.up(nn.functional.pad(self.b(y), (1, 1, 1, 1))))
+
+    groups = lrfx.channel_groups(Up(), torch.randn(1, 3, 8, 8))
+    assert groups["a"].prunable and groups["b"].prunable
+    assert _roles(groups["b"]) == {("out", "b", 0, 1), ("in", "out", 0, 1)}
+
+
 def test_channel_last_layer_norm_and_layer_scale() -> None:
     groups = lrfx.channel_groups(ChannelLast(), torch.randn(1, 3, 5, 5))
     g = groups["stem"]

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lrfx
+from lrfx.methods.penalties import Penalty
 
 X = torch.zeros(1, 1, 8, 8)
 
@@ -86,3 +87,30 @@ def test_trp_adds_its_subgradient_to_unscaled_gradients() -> None:
     u, _, vh = torch.linalg.svd(w.detach().reshape(16, -1), full_matrices=False)
     torch.testing.assert_close(w.grad - before, 0.1 * (u[:, :k] @ vh[:k]).reshape(w.shape),
                                atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("form", ["subgradient", "prox"])
+def test_slimming_runs_under_autocast_with_a_grad_scaler(form: str) -> None:
+    net = _net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    slim = lrfx.Slimming(net, X, penalty="tl1", s=0.05, form=form, optimizer=opt)
+    scaler = _scaler()
+    x, y = torch.randn(6, 16, 1, 8, 8), torch.randint(0, 10, (6, 16))
+    for i in range(6):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(net(x[i]).float(), y[i])
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)  # the subgradient goes on unscaled gradients
+        before = net[1].weight.grad.clone()
+        slim.after_backward(net)
+        if form == "subgradient":
+            want = before + Penalty("tl1", s=0.05).subgradient(net[1].weight.detach())
+            torch.testing.assert_close(net[1].weight.grad, want)
+        scaler.step(opt)
+        scaler.update()
+        slim.after_step(net)
+    for p in net.parameters():
+        assert p.dtype == torch.float32 and bool(torch.isfinite(p).all())
+    small = slim.finalize(net.eval(), macs=0.6)
+    assert lrfx.count_macs(small, X) <= 0.6 * lrfx.count_macs(net, X)

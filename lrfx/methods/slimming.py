@@ -63,6 +63,12 @@ class Slimming(Method):
         init: Set every BatchNorm scale to this value now (the paper: 0.5); ``None`` leaves them.
         scales: ``all`` (BatchNorm scales and rank gates), ``bn`` or ``gates``.
 
+    Any optimizer, any device (the penalty is elementwise on the scales' own device and dtype);
+    under AMP call ``after_backward`` after ``scaler.unscale_(optimizer)``, so the subgradient
+    lands on unscaled gradients. Pass the wrapped model of ``DistributedDataParallel``: the
+    scales are found inside it, and every process applies the same step to the same averaged
+    gradients.
+
     Attributes:
         scales: The names of the penalized modules (BatchNorms / gates), in graph order.
         skipped: Other BatchNorms / gates and why they are not penalized (their channels cannot

@@ -55,6 +55,7 @@ _CHANNELWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
 )
 
 #: Functions and tensor methods (by name) that map each channel to itself.
@@ -63,7 +64,7 @@ _CHANNELWISE_FNS: set[Any] = {
     F.hardsigmoid, torch.tanh, F.tanh, F.leaky_relu, F.elu, F.mish, F.dropout, F.dropout2d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.max_pool1d,
     F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_max_pool2d, torch.clamp, torch.neg, torch.abs,
+    F.adaptive_max_pool2d, F.interpolate, torch.clamp, torch.neg, torch.abs,
 }
 _CHANNELWISE_METHODS = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone", "clamp",
