@@ -160,7 +160,10 @@ class CompressionReport:
             return "  ".join(v.ljust(w) if i < 3 else v.rjust(w)
                              for i, (v, w) in enumerate(zip(r, width, strict=True)))
 
-        out = [line(cols)] + [line(r) for r in rows]
+        out = [line(cols)] + [line(r) for r in rows] if rows or not self.pruned else []
+        if self.pruned:
+            out += [f"channels of {r['layer']}: {r['channels_before']} -> {r['channels_after']}"
+                    for r in self.pruned]
         if rows:
             out.append(f"error: {self.error_definition()}")
         if rows and self.sequential:
@@ -168,8 +171,9 @@ class CompressionReport:
         how = f"{self.allocator}, scheme {self.scheme}" if self.allocator else "plan"
         out.append(
             f"MACs {self.macs_before:,} -> {self.macs_after:,} ({self.macs_ratio:.3f}x); params "
-            f"{self.params_before:,} -> {self.params_after:,}; {len(self.layers)} layers "
-            f"factored ({how}{', whitened' if self.whitened else ''}"
+            f"{self.params_before:,} -> {self.params_after:,}; "
+            + (f"{len(self.pruned)} channel groups pruned; " if self.pruned else "")
+            + f"{len(self.layers)} layers factored ({how}{', whitened' if self.whitened else ''}"
             f"{', sequential' if self.sequential else ''}) in {self.seconds:.1f} s"
         )
         if self.latency:

@@ -167,7 +167,7 @@ def _markdown(report: CompressionReport, figures: Sequence[Path], note: str) -> 
         md += [f"_{note}_", ""]
     for f in figures:
         md += [f"![{f.stem}]({f.name})", ""]
-    md += ["## Factored layers", ""]
+    md += ["## Factored layers", ""] + ([] if report.layers else ["none", ""])
     extra = ["measured", "fit"] if report.sequential else []
     timed = ["ms before", "ms after"] if lat else []
 
@@ -188,6 +188,11 @@ def _markdown(report: CompressionReport, figures: Sequence[Path], note: str) -> 
     if timed:
         md += ["", "**ms before / after**: each layer's dense and planned forms timed alone at "
                "its input shape (what the allocator added up)."]
+    if report.pruned:
+        md += ["", "## Pruned channel groups", ""]
+        md += _table(["group", "channels", "what was sliced"],
+                     [[f"`{r['layer']}`", f"{r['channels_before']} → {r['channels_after']}",
+                       _md_escape(", ".join(r.get("members", [])))] for r in report.pruned])
     md += ["", "## Layers left dense", ""]
     if report.skipped:
         md += _table(["layer", "why"], [[f"`{k}`", v] for k, v in report.skipped.items()])

@@ -5,8 +5,8 @@ absolute BatchNorm scale or rank gate, averaged over the group's scales) and the
 (per-layer MACs and parameters); writes a :class:`~lrfx.RankPlan` of :class:`~lrfx.ChannelPlan`
 entries, one per group that loses channels. A pure function of its inputs; changes no model.
 
-All scored channels are ranked globally, lowest score first (ties in group, then channel order,
-so equal scores — an untrained model's BatchNorms are all 1 — still prune a definite set):
+All scored channels are ranked globally, lowest score first (equal scores — an untrained model's
+BatchNorms are all 1 — by relative position in their group, so ties prune every group alike):
 
 * ``percent``: prune the ``percent`` lowest-scoring channels over every scored group: one
   global threshold, the slimming paper's rule.
@@ -188,7 +188,12 @@ def allocate_channels(
                            ) if units else torch.zeros(0, dtype=torch.long)
     unit_scores = torch.cat(list(units.values())).double() if units else torch.zeros(0)
     unit_sizes = torch.tensor([blocks[int(i)] for i in unit_group], dtype=torch.long)
-    order = torch.argsort(unit_scores, stable=True)  # lowest first; ties by group, channel
+    # lowest score first; equal scores (an untrained model's BatchNorms are all 1) spread over the
+    # groups by relative position, so a tie prunes every group alike instead of the first ones
+    position = torch.cat([torch.arange(len(v), dtype=torch.float64) / len(v)
+                          for v in units.values()]) if units else torch.zeros(0)
+    by_position = torch.argsort(position, stable=True)
+    order = by_position[torch.argsort(unit_scores[by_position], stable=True)]
     floor = {}  # each group's best units, min_channels channels at least, kept whatever goes
     for i, v in units.items():
         n_best = min(max(1, math.ceil(min_channels / blocks[i])), len(v))
