@@ -198,3 +198,23 @@ def test_fold_gates_keeps_the_output() -> None:
         torch.testing.assert_close(folded(X), gated(X))
     assert not any(isinstance(m, Gate) for m in folded.modules())
     assert any(isinstance(m, Gate) for m in gated.modules())  # the input is not modified
+
+
+def test_gates_lower_both_tucker2_ranks_and_the_cp_rank() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
+                        nn.Conv2d(24, 8, 3, padding=1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = lrfx.apply(net, RankPlan({"3": LayerPlan("tucker2", (8, 10)),
+                                   "6": LayerPlan("cp", 6)}), x)
+    gated = lrfx.add_rank_gates(gm)
+    names = [n for n, m in gated.named_modules() if isinstance(m, Gate)]
+    assert names == ["3_gate", "3_gate1", "6_gate2"]  # cp: one gate, after its depthwise pair
+    with torch.no_grad():
+        for n in names:
+            gated.get_submodule(n).weight[::3] = 0
+    small = lrfx.Slimming(gated, x, scales="gates").finalize(gated, percent=9 / 24)
+    assert small.get_submodule("3").rank == (5, 6) and small.get_submodule("6").rank == 4
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), gated(x), rtol=1e-5, atol=1e-5)
