@@ -15,7 +15,10 @@ Subgradient form (add ``subgradient(x)`` to the gradient before the optimizer st
 penalty gives 0 at ``x == 0`` exactly (the minimal-norm element of the subdifferential: l1's is
 ``[-s, s]``, Tl1's ``[-s(a+1)/a, s(a+1)/a]``, lp's the whole line), and lp's ``|x|`` is clamped
 below at ``eps`` so the result is always finite (for ``0 < |x| < eps`` it is the value at
-``eps``; with the default ``eps = 1e-8`` it is at most ``s * p * 1e8**(1-p)``).
+``eps``, at most ``s * p * eps**(p-1)``). The default ``eps = 1e-3`` bounds that step: a scale
+near 0 then jitters by about ``lr * s * p * 1e3**(1-p)`` (1.6e-3 at lr 0.02, s 5e-3, p 0.5)
+instead of being thrown across 0 (with ``eps = 1e-8``, by 0.5 — measured on Fashion-MNIST
+ResNet-20: its accuracy fell to 29 % in 2 epochs); scales that small are pruned anyway.
 
 Proximal form (after a plain optimizer step of size ``lr``, replace ``x`` by ``prox(x, lr)``),
 ``prox(y) = argmin_x 0.5 * (x - y)**2 + lam * P(x)`` with ``lam = lr * s``. For each kind the
@@ -87,8 +90,8 @@ class Penalty:
         s: Weight of the penalty (``>= 0``; 0 turns it off).
         a: Shape of Tl1 (``> 0``): small ``a`` is close to the l0 count, large ``a`` to l1.
         p: Exponent of lp, in ``(0, 1)``.
-        eps: lp subgradient only: ``|x|`` is clamped below at ``eps`` (``> 0``) so the
-            subgradient stays finite near 0.
+        eps: lp subgradient only: ``|x|`` is clamped below at ``eps`` (``> 0``; 1e-3) so the
+            subgradient stays finite, and its step bounded, near 0.
 
     Example:
         >>> import torch
@@ -107,7 +110,7 @@ class Penalty:
     s: float = 1e-4
     a: float = 1.0
     p: float = 0.5
-    eps: float = 1e-8
+    eps: float = 1e-3
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, str) or self.kind not in _KINDS:

@@ -55,6 +55,8 @@ class Slimming(Method):
         s: The penalty's weight (1e-4, the paper's VGG value; 1e-5 for ResNets there).
         a: Tl1's parameter (1).
         p: lp's exponent (0.5).
+        eps: lp's subgradient uses ``|x|`` clamped at ``eps`` (1e-3; see
+            :class:`~lrfx.methods.penalties.Penalty`).
         form: ``subgradient`` (add ``s * P'(x)`` to each scale's gradient in
             ``after_backward``) or ``prox`` (replace each scale by its proximal point after
             ``optimizer.step()``; needs the step size: ``optimizer=`` or ``lr=``).
@@ -95,13 +97,14 @@ class Slimming(Method):
         s: float = 1e-4,
         a: float = 1.0,
         p: float = 0.5,
+        eps: float = 1e-3,
         form: str = "subgradient",
         optimizer: torch.optim.Optimizer | None = None,
         lr: float | None = None,
         init: float | None = None,
         scales: str = "all",
     ) -> None:
-        self.penalty_fn = Penalty(kind=penalty, s=s, a=a, p=p)
+        self.penalty_fn = Penalty(kind=penalty, s=s, a=a, p=p, eps=eps)
         if form not in _FORMS:
             raise LrfxError(f"Slimming: form must be one of {', '.join(_FORMS)}, got {form!r}")
         if scales not in _SCALES:
