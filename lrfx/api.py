@@ -826,6 +826,7 @@ def channel_plan(
     scores: Mapping[str, torch.Tensor] | None = None,
     scales: str = "all",
     min_channels: int = 1,
+    normalize: str = "none",
     leaf_modules: Sequence[type[nn.Module] | str] = (),
 ) -> RankPlan:
     """A channel-pruning plan from per-channel importance (network slimming's allocation).
@@ -847,6 +848,8 @@ def channel_plan(
             (or adding to) the learned scales.
         scales: Which learned scales score channels: ``all``, ``bn`` or ``gates``.
         min_channels: Channels every group keeps at least (never fewer than one).
+        normalize: ``none``: rank the raw scores globally (the paper); ``mean``: each group's
+            scores divided by their mean first (channels compete within their own layer).
 
     Returns:
         A :class:`RankPlan` of :class:`ChannelPlan` entries, with predicted MACs and
@@ -900,7 +903,7 @@ def channel_plan(
         target = fraction * (analysis.total_macs if metric == "macs" else analysis.total_params)
     return allocate_channels(groups, found, analysis, percent=percent, metric=metric,
                              target=target, min_channels=min_channels,
-                             per_channel=per_channel_params(gm, groups))
+                             per_channel=per_channel_params(gm, groups), normalize=normalize)
 
 
 def add_rank_gates(model: nn.Module, *, init: float = 1.0) -> fx.GraphModule:

@@ -451,3 +451,20 @@ def test_pruned_and_factored_model_saves_loads_and_exports(tmp_path) -> None:
     (got,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), gm(x), rtol=1e-4, atol=1e-4)
+
+
+def test_mean_normalization_ranks_channels_within_their_layer() -> None:
+    model = Residual().eval()
+    with torch.no_grad():  # the inner group's scales are all small, but some far less than others
+        model.bna.weight.copy_(torch.tensor([0.01, 0.02, 0.03, 0.04, 0.05, 0.0001]))
+        model.bn0.weight.fill_(1.0)
+        model.bnb.weight.copy_(torch.linspace(0.5, 1.5, 8))
+    x = torch.randn(1, 3, 8, 8)
+    raw = lrfx.channel_plan(model, x, percent=4 / 14)
+    assert "a" in raw and len(raw["a"].keep) == 2 and "stem" not in raw  # the small layer goes
+    norm = lrfx.channel_plan(model, x, percent=4 / 14, normalize="mean")
+    # relative to their means (0.025 and 1): 0.004, 0.4 (inner), 0.75 (residual), 0.8 (inner)
+    assert norm["a"].keep == (2, 3, 4) and norm["stem"].keep == (1, 2, 3, 4, 5, 6, 7)
+    assert norm.settings["normalize"] == "mean"
+    with pytest.raises(LrfxError, match="normalize"):
+        lrfx.channel_plan(model, x, percent=0.5, normalize="max")

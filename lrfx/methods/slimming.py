@@ -209,27 +209,29 @@ class Slimming(Method):
 
     def plan(self, model: nn.Module | None = None, *, percent: float | None = None,
              macs: float | None = None, params: float | None = None,
-             min_channels: int = 1) -> RankPlan:
+             min_channels: int = 1, normalize: str = "none") -> RankPlan:
         """The channel plan :meth:`finalize` applies (:func:`lrfx.channel_plan` on the scales;
-        ``percent=0.5`` when no budget is given). The model is not modified."""
+        ``percent=0.5`` when no budget is given; ``normalize="mean"`` ranks each scale against
+        its own layer's mean). The model is not modified."""
         if percent is None and macs is None and params is None:
             percent = 0.5
         inner = unwrap(self._model(model))
         plan = channel_plan(inner, self.example_inputs, percent=percent, macs=macs,
-                            params=params, scales=self.kind, min_channels=min_channels)
+                            params=params, scales=self.kind, min_channels=min_channels,
+                            normalize=normalize)
         return RankPlan(plan.layers, allocator="slimming",
                         settings={**plan.settings, **self.settings()},
                         macs=plan.macs, params=plan.params)
 
     def finalize(self, model: nn.Module | None = None, *, percent: float | None = None,
                  macs: float | None = None, params: float | None = None,
-                 min_channels: int = 1) -> nn.Module:
+                 min_channels: int = 1, normalize: str = "none") -> nn.Module:
         """The pruned model: :meth:`plan`, applied by :func:`lrfx.apply`, rank gates folded into
         their factors (so a factored layer's rank is what its gates kept). The model being
         trained is not modified."""
         inner = unwrap(self._model(model))
         plan = self.plan(inner, percent=percent, macs=macs, params=params,
-                         min_channels=min_channels)
+                         min_channels=min_channels, normalize=normalize)
         result = apply(copy.deepcopy(inner), plan, self.example_inputs)
         if isinstance(result, fx.GraphModule) and any(
                 isinstance(m, Gate) for m in result.modules()):

@@ -140,6 +140,7 @@ def allocate_channels(
     target: float | None = None,
     min_channels: int = 1,
     per_channel: Mapping[str, int] | None = None,
+    normalize: str = "none",
 ) -> RankPlan:
     """Channel masks from scores (see the module docstring).
 
@@ -153,6 +154,10 @@ def allocate_channels(
         min_channels: Channels every group keeps at least.
         per_channel: Parameters per channel of each norm / attribute member
             (:func:`per_channel_params`; default 2 for a norm, 1 for an attribute).
+        normalize: ``none`` ranks the raw scores globally (the slimming paper's rule);
+            ``mean`` divides each group's scores by their mean first, so channels compete by
+            how they compare within their own layer (Torch-Pruning's default normalizer): less
+            pruning of layers whose scales are small across the board.
 
     Returns:
         A plan of channel entries with predicted ``macs`` / ``params``.
@@ -181,7 +186,12 @@ def allocate_channels(
     # pruning units: a channel, or for a group split by grouped convs into B blocks the same
     # channel of every block (B channels); its score is the mean over the blocks
     blocks = {i: by_index[i].blocks for i in scores}
+    if normalize not in ("none", "mean"):
+        raise LrfxError(f"allocate_channels: normalize must be 'none' or 'mean', got "
+                        f"{normalize!r}")
     units = {i: s.view(blocks[i], -1).mean(0) for i, s in scores.items()}
+    if normalize == "mean":
+        units = {i: u / u.mean().clamp(min=1e-12) for i, u in units.items()}
     unit_group = torch.cat([torch.full((len(v),), i) for i, v in units.items()]
                            ) if units else torch.zeros(0, dtype=torch.long)
     unit_index = torch.cat([torch.arange(len(v)) for v in units.values()]
@@ -212,7 +222,7 @@ def allocate_channels(
         return channel_cost(analysis, groups, {i: int(k.sum()) for i, k in m.items()},
                             per_channel)
 
-    settings: dict[str, Any] = {"min_channels": min_channels,
+    settings: dict[str, Any] = {"min_channels": min_channels, "normalize": normalize,
                                 "unscored": [g.name for g in groups.prunable
                                              if g.index not in scores]}
     n = len(unit_scores)
