@@ -225,7 +225,6 @@ class _Finder:
         self.members: dict[int, list[Member]] = {}
         self.layouts: dict[fx.Node, _Layout] = {}
         self.blocks: dict[int, int] = {}  # space -> grouped convs' groups it must prune alike
-        self.order: dict[int, int] = {}
         calls: dict[str, int] = {}
         for n in gm.graph.nodes:
             if n.op == "call_module":
@@ -243,7 +242,6 @@ class _Finder:
     def space(self, length: int, fixed: str = "") -> int:
         s = len(self.lengths)
         self.lengths[s] = length
-        self.order[s] = s
         self.graph.add_node(s)
         if fixed:
             self.fixed[s] = fixed
