@@ -58,15 +58,33 @@ def _setup(name: str) -> tuple[Any, list[torch.Tensor], torch.Tensor]:
     return gm, batches, example
 
 
-def _old_accumulate(stats: Any, key: str, rows: torch.Tensor, groups: int = 1) -> None:
-    """The accumulation before this change: float64 rows, one float64 Gram per batch."""
-    rows = rows.detach().to(torch.float64)
-    g = rows.reshape(rows.shape[0], groups, -1).transpose(0, 1)
-    gram = g.transpose(1, 2) @ g
-    if key in stats.grams:
-        stats.grams[key] += gram
-    else:
-        stats.grams[key] = gram
+def _im2col_gram(x: torch.Tensor, kernel: Any, stride: Any = (1, 1), dilation: Any = (1, 1),
+                 groups: int = 1, y: Any = None, pad: Any = None, vertical: bool = False) -> Any:
+    """The conv Grams as the pass computed them before the shift-structured ones: im2col
+    patches a few samples at a time, float32 Gram blocks of 16k rows summed in float64 (the
+    vertical Gram from its own patches)."""
+    import torch.nn.functional as F
+
+    def gram(k: Any, s: Any, d: Any, g: int) -> torch.Tensor:
+        n, _, h, w = x.shape
+        per = max(1, (1 << 14) // max(1, ((h - d[0] * (k[0] - 1) - 1) // s[0] + 1)
+                                      * ((w - d[1] * (k[1] - 1) - 1) // s[1] + 1)))
+        out = None
+        for start in range(0, n, per):
+            cols = F.unfold(x[start:start + per], k, dilation=d, stride=s)
+            rows = cols.transpose(1, 2).reshape(-1, cols.shape[1]).float()
+            rg = rows.reshape(rows.shape[0], g, -1).transpose(0, 1)
+            for b in range(0, rg.shape[1], 1 << 14):
+                blk = rg[:, b:b + (1 << 14)]
+                part = (blk.transpose(1, 2) @ blk).double()
+                out = part if out is None else out + part
+        assert out is not None
+        return out
+
+    full = gram(kernel, stride, dilation, groups)
+    if vertical:
+        return full, gram((kernel[0], 1), (stride[0], 1), (dilation[0], 1), 1)
+    return full
 
 
 def _variant(name: str) -> Any:
@@ -77,13 +95,13 @@ def _variant(name: str) -> Any:
 
     @contextlib.contextmanager
     def ctx() -> Any:
-        saved = act._accumulate, act.BLOCK_ROWS
+        saved = act.patch_gram
         if name == "old":
-            act._accumulate, act.BLOCK_ROWS = _old_accumulate, 1 << 62
+            act.patch_gram = _im2col_gram
         try:
             yield
         finally:
-            act._accumulate, act.BLOCK_ROWS = saved
+            act.patch_gram = saved
     return ctx()
 
 

@@ -1,6 +1,7 @@
 """Train the dense reference models on Fashion-MNIST (CPU), for the post-training benchmarks.
 
     .venv/bin/python bench/train_fmnist.py [--epochs 8] [--models resnet20,vgg_small]
+    .venv/bin/python bench/train_fmnist.py --epochs 10 --models vit_tiny   # AdamW, lr 2e-3
 
 Writes ``bench/checkpoints/<model>_fmnist.pt`` (a plain state_dict) and
 ``bench/results/train_fmnist.json`` (per-epoch loss and test accuracy, time, threads).
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrfx.contrib.data import load_fashion_mnist
-from lrfx.contrib.zoo import resnet20, vgg_small
+from lrfx.contrib.zoo import resnet20, vgg_small, vit_tiny
 
 ROOT = Path(__file__).resolve().parent
 VGG_CONFIG = (32, 32, "M", 64, 64, "M", 128, 128, "M")
@@ -31,6 +32,8 @@ def build(name: str) -> nn.Module:
         return resnet20(in_channels=1)
     if name == "vgg_small":
         return vgg_small(in_channels=1, config=VGG_CONFIG)
+    if name == "vit_tiny":
+        return vit_tiny(in_channels=1)
     raise SystemExit(f"unknown model {name}")
 
 
@@ -56,10 +59,17 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int = 1000)
 
 def train(model: nn.Module, xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor,
           yte: torch.Tensor, epochs: int, lr: float = 0.1, bs: int = 128, seed: int = 0,
-          log: list[dict[str, float]] | None = None) -> nn.Module:
+          log: list[dict[str, float]] | None = None, adamw: bool = False) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4,
-                          nesterov=True)
+    opt: torch.optim.Optimizer
+    if adamw:  # transformers: AdamW, weight decay on matrices only
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        rest = [p for p in model.parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
+                                 {"params": rest, "weight_decay": 0.0}], lr=lr)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4,
+                              nesterov=True)
     steps = epochs * ((len(xtr) + bs - 1) // bs)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
                                                 pct_start=0.15)
@@ -101,12 +111,15 @@ def main() -> None:
         model = build(name)
         log: list[dict[str, float]] = []
         t0 = time.time()
-        train(model, xtr, ytr, xte, yte, args.epochs, log=log)
+        vit = name.startswith("vit")
+        train(model, xtr, ytr, xte, yte, args.epochs, lr=2e-3 if vit else 0.1, log=log,
+              adamw=vit)
         ckpt = ROOT / "checkpoints" / f"{name}_fmnist.pt"
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), ckpt)
         results[name] = {
             "epochs": args.epochs,
+            "optimizer": "AdamW lr 2e-3 wd 0.05" if vit else "SGD nesterov lr 0.1 wd 5e-4",
             "test_acc": log[-1]["test_acc"],
             "train_seconds": time.time() - t0,
             "log": log,

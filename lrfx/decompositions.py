@@ -796,6 +796,71 @@ def _top_eigvecs(gram: torch.Tensor, k: int) -> torch.Tensor:
     return torch.linalg.eigh(gram)[1].flip(1)[:, :k]
 
 
+def tucker2_input_spectrum(weight: torch.Tensor, whiten: torch.Tensor) -> Spectrum:
+    """The data-aware input side of Tucker-2 and its output-error spectrum.
+
+    Tucker-2 reads the input through ``r_in`` channel combinations ``A x`` (``A``: ``r_in x
+    C``, on every kernel tap) and the core maps them back with ``B`` (``C x r_in``): the input
+    is replaced by ``Q x``, ``Q = B A`` of rank ``r_in``. With ``L L^T`` the input channels'
+    covariance (the channel Gram ``whiten whiten^T`` averaged over taps) and ``M1`` the weight's
+    mode-1 unfolding, the output error ``sum_t ||W_t (I - Q) x_t||^2`` is least (taps taken as
+    uncorrelated) for ``B = L V``, ``A = V^T L^{-1}``, ``V`` the top eigenvectors of
+    ``L^T M1 M1^T L`` (SVD-LLM on the input channels). Whatever the taps' correlation, the
+    error of ``P W Q`` (``P`` the whitened channel projection) is at most the whitened channel
+    tail plus ``T(s) = ||W (I - Q_s) S||^2``, computed exactly here for every ``s`` from one
+    ``C x C`` table of block sums in the coordinates where ``Q_s`` is an orthogonal projection.
+
+    Returns:
+        A spectrum whose :meth:`Spectrum.tails` are ``T(s) / ||W S||^2`` (made non-increasing:
+        still an upper bound), whose basis holds ``V`` (largest first from
+        :meth:`Spectrum.top_vectors`) and whose ``whiten`` is ``L`` (``(1, C, C)``).
+    """
+    w = _f64(weight)
+    n, c = w.shape[:2]
+    k = w[0, 0].numel()
+    s = whiten.to(torch.float64).reshape(c * k, -1)
+    g = (s @ s.T).reshape(c, k, c, k)
+    chol = torch.linalg.cholesky(torch.einsum("atbt->ab", g) / k)  # L: channel covariance
+    w1 = torch.einsum("nak,ai->nik", w.reshape(n, c, k), chol)  # W (L (x) I)
+    v = _top_eigvecs(torch.einsum("nik,njk->ij", w1, w1), c)  # (C, C), largest first
+    # coordinates x' = (L^-1 V^T ... ): rotate W (L (x) I) by V, G by (V^T L^-1 (x) I)
+    linv_v = torch.linalg.solve_triangular(chol.T, v, upper=True)  # L^-T V
+    g = torch.einsum("ai,akbl,bj->ikjl", linv_v, g, linv_v)
+    wr = torch.einsum("nak,ai->nik", w1, v)
+    h = torch.einsum("nik,njl->ikjl", wr, wr)
+    blocks = (g * h).sum((1, 3))  # (C, C): per pair of rotated channels
+    suffix = blocks.flip(0).cumsum(0).flip(0).flip(1).cumsum(1).flip(1)
+    t = torch.diagonal(suffix).clamp_min(0)
+    t = torch.flip(torch.cummax(torch.flip(t, (0,)), 0).values, (0,))  # non-increasing
+    t = torch.cat([t, t.new_zeros(1)])
+    values = (t[:-1] - t[1:]).clamp_min(0).sqrt().unsqueeze(0)
+    return Spectrum(values, EigenBasis(v.flip(-1).unsqueeze(0), c), "left",
+                    chol.unsqueeze(0), "cols", WeightStamp.of(weight)
+                    if weight.device.type != "meta" else None)
+
+
+def tucker2_whitened_factors(
+    weight: torch.Tensor, ranks: tuple[int, int], u_out: torch.Tensor, v_in: torch.Tensor,
+    chol: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tucker-2 factors ``P W Q`` from a data-aware output basis ``u_out`` (``N x >= r_out``,
+    orthonormal) and input side ``v_in`` / ``chol`` (:func:`tucker2_input_spectrum`):
+    ``first = V^T L^{-1}``, ``core = P^T W (L V (x) I)``, ``last = P``."""
+    r_in, r_out = ranks
+    w = _f64(weight)
+    n, c = w.shape[:2]
+    ones = [1] * (w.dim() - 2)
+    p = _f64(u_out)[:, :r_out]
+    v = _f64(v_in)[:, :r_in]
+    chol = _f64(chol).reshape(c, c)
+    b = chol @ v  # (C, r_in): Q = B A
+    first = torch.linalg.solve_triangular(chol.T, v, upper=True).T  # A = V^T L^-1
+    core = torch.einsum("no,nck,ci->oik", p, w.reshape(n, c, -1), b)
+    return (first.reshape(r_in, c, *ones).contiguous(),
+            core.reshape(r_out, r_in, *w.shape[2:]).contiguous(),
+            p.reshape(n, r_out, *ones).contiguous())
+
+
 def tucker2_factors(
     weight: torch.Tensor, ranks: tuple[int, int], n_iter_max: int = 100,
     init: tuple[torch.Tensor, torch.Tensor] | None = None, tol: float = 1e-6,

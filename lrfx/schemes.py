@@ -421,9 +421,13 @@ class Spatial(_MatrixScheme):
 class Tucker2(Scheme):
     """Tucker-2 on the channel modes (Kim et al. 2016): 1x1, core conv, 1x1.
 
-    Ranks are ``(r_in, r_out)``. Factors come from HOOI (tensorly ``partial_tucker``) started at
-    the HOSVD given by the stored spectra; the allocators estimate its error by the HOSVD bound,
-    the sum of the two modes' truncation tails (an upper bound of the HOOI error).
+    Ranks are ``(r_in, r_out)``. Plain: factors come from HOOI started at the HOSVD given by
+    the stored spectra; the allocators estimate its error by the HOSVD bound, the sum of the two
+    modes' truncation tails (an upper bound of the HOOI error). Whitened (calibration data): the
+    output side keeps the top vectors of ``W S`` (the whitened channel spectrum), the input side
+    the data-aware channel combinations of :func:`lrfx.decompositions.tucker2_input_spectrum`,
+    and the allocators' error is the output-error bound of that pair: a relative output error,
+    like every other whitened scheme's.
     """
 
     name: str = "tucker2"
@@ -470,6 +474,16 @@ class Tucker2(Scheme):
                 spectra: Mapping[str, Spectrum] | None = None,
                 whiten: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
         r_in, r_out = self.ranks(rank)
+        out_sp, in_sp = self._spectrum(spectra, "channel"), self._spectrum(spectra, "mode1")
+        if (out_sp is not None and out_sp.whitened and out_sp.basis is not None
+                and out_sp.side == "left" and in_sp is not None and in_sp.whitened
+                and in_sp.basis is not None):
+            # data-aware on both sides, no HOOI (it would fit the weight, not the output): the
+            # error the allocator was given (tucker2_input_spectrum) bounds this one's
+            assert in_sp.whiten is not None
+            return list(dec.tucker2_whitened_factors(
+                weight, (r_in, r_out), out_sp.top_vectors(r_out)[0],
+                in_sp.top_vectors(r_in)[0], in_sp.whiten[0]))
         modes = []
         for unit, r in (("channel", r_out), ("mode1", r_in)):
             sp = self._spectrum(spectra, unit)

@@ -249,8 +249,11 @@ def test_conv_grams_in_float32_blocks_match_the_float64_gram(block: int,
                                                              monkeypatch: pytest.MonkeyPatch
                                                              ) -> None:
     import lrfx.passes.analysis.activations as act
+    import lrfx.passes.analysis.grams as grams
 
     monkeypatch.setattr(act, "BLOCK_ROWS", block)  # many blocks and pieces, or one
+    monkeypatch.setattr(grams, "BLOCK", block)
+    monkeypatch.setattr(act, "CHUNK_BYTES", block)  # one sample per call, or the batch
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(5, 8, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(),
                         nn.Linear(8 * 6 * 6, 4)).eval()
@@ -276,3 +279,116 @@ def test_conv_grams_in_float32_blocks_match_the_float64_gram(block: int,
     with torch.no_grad():
         h = net[2](net[1](net[0](x.float()))).double()
     torch.testing.assert_close(stats["3"].grams["rows"][0], h.T @ h, rtol=1e-5, atol=1e-4)
+
+
+def test_tucker2_whitened_error_is_an_output_error_bound() -> None:
+    """Whitened Tucker-2: the allocator's error is a relative *output* error (like the other
+    schemes') that bounds the layer's measured output error, and the data-aware factors beat
+    the plain HOOI ones on that data at the same ranks."""
+    torch.manual_seed(0)
+    model = Wrap(nn.Conv2d(8, 24, 3, padding=1)).eval()
+    scale = torch.tensor([5.0, 3, 1, 0.5, 0.2, 0.1, 0.05, 0.02]).view(1, 8, 1, 1)
+    batches = [torch.randn(8, 8, 10, 10) * scale for _ in range(3)]
+    gm = lrfx.compress(model, batches[0][:1], macs=0.45, scheme="tucker2", calibration=batches,
+                       sequential=False)
+    report = gm.meta["lrfx"].extra["report"]
+    plan = gm.meta["lrfx"].extra["plan"]
+    assert report.whitened and [row["scheme"] for row in report.layers] == ["tucker2"]
+    plain = lrfx.apply(model, lrfx.RankPlan(dict(plan.factored)), batches[0][:1])
+    bias = model.layer.bias[:, None, None]
+    with torch.no_grad():
+        ref = sum(float((model(x) - bias).norm() ** 2) for x in batches)
+        e_white = sum(float((gm(x) - model(x)).norm() ** 2) for x in batches) / ref
+        e_plain = sum(float((plain(x) - model(x)).norm() ** 2) for x in batches) / ref
+    predicted = report.layers[0]["error"]
+    assert e_white <= predicted * (1 + 1e-3)  # an upper bound ...
+    assert e_white >= 0.8 * predicted  # ... and a tight one
+    assert e_white < 0.5 * e_plain, (e_white, e_plain)
+    # plain allocation keeps the weight-relative HOSVD bound
+    plain_spectra = lrfx.compress(model, batches[0][:1], macs=0.45, scheme="tucker2")
+    assert not plain_spectra.meta["lrfx"].extra["report"].whitened
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(12, 48)
+        self.attn = nn.MultiheadAttention(48, 4, batch_first=True)
+        self.out = nn.Linear(48, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.out(a + h)
+
+
+def test_attention_projections_are_whitened() -> None:
+    """nn.MultiheadAttention's q/k/v (packed) and out projections get input statistics (the
+    call is replayed with hooks), whitened spectra and factors: the predicted error of a
+    projection is its measured output error, and the whitened model beats plain SVD."""
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    mix = torch.randn(12, 12) @ torch.diag(torch.logspace(0, -2, 12))
+    batches = [torch.randn(8, 10, 12) @ mix for _ in range(4)]
+    gm = lrfx.compress(model, batches[0][:1], macs=0.5, calibration=batches, sequential=False)
+    report, plan = gm.meta["lrfx"].extra["report"], gm.meta["lrfx"].extra["plan"]
+    rows = {row["layer"]: row for row in report.layers}
+    assert report.whitened and {"attn.q_proj", "attn.v_proj", "attn.out_proj"} <= set(rows)
+    x = torch.cat(batches)
+    with torch.no_grad():
+        h = model.inp(x)
+        w, b = model.attn.in_proj_weight[96:], model.attn.in_proj_bias[96:]
+        y = h @ w.T
+        y_r = gm.get_submodule("attn").v_proj(h) - b
+        measured = float((y - y_r).square().sum() / y.square().sum())
+    assert measured == pytest.approx(rows["attn.v_proj"]["error"], rel=0.05)
+    plain = lrfx.apply(model, lrfx.RankPlan(dict(plan.factored)), batches[0][:1])
+    with torch.no_grad():
+        e_white = float((gm(x) - model(x)).square().sum())
+        e_plain = float((plain(x) - model(x)).square().sum())
+    assert e_white < 0.1 * e_plain
+
+
+class _Functional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cw = nn.Parameter(torch.randn(16, 3, 3, 3))
+        self.w = nn.Parameter(torch.randn(24, 16) / 4)
+        self.b = nn.Parameter(torch.zeros(24))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.conv2d(x, self.cw, padding=1, stride=2).mean((2, 3))
+        return nn.functional.linear(h, self.w, self.b)
+
+
+def test_functional_layers_get_statistics_and_whitened_factors() -> None:
+    """``F.conv2d`` / ``F.linear`` layers have no module to hook: the calibration run reads
+    their inputs from the graph interpreter, so they are whitened like modules."""
+    torch.manual_seed(0)
+    model = _Functional().eval()
+    scale = torch.tensor([3.0, 0.1, 0.01]).view(1, 3, 1, 1)
+    batches = [torch.randn(4, 3, 8, 8) * scale for _ in range(3)]
+    from lrfx.api import _feed
+    from lrfx.passes.analysis import CalibrationOptions, annotate_costs, propagate_shapes
+
+    gm = lrfx.trace(model, batches[0])
+    ctx = PassContext(example_inputs=_feed(gm, batches[0]),
+                      options=[CalibrationOptions(calibration=batches)])
+    propagate_shapes(gm, ctx)
+    annotate_costs(gm, ctx)
+    stats = collect_input_stats(gm, ctx)
+    x = torch.cat(batches).double()
+    rows = nn.functional.unfold(x, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 27)
+    torch.testing.assert_close(stats["cw"].grams["channel"][0], rows.T @ rows, rtol=1e-5,
+                               atol=1e-4)
+    with torch.no_grad():
+        h = nn.functional.conv2d(x.float(), model.cw, padding=1, stride=2).mean((2, 3)).double()
+    torch.testing.assert_close(stats["w"].grams["rows"][0], h.T @ h, rtol=1e-5, atol=1e-4)
+    # and compress uses them: the conv's predicted error is an output error, and small
+    out = lrfx.compress(model, batches[0][:1], macs=0.6, calibration=batches, sequential=False)
+    plain = lrfx.compress(model, batches[0][:1], macs=0.6)
+    with torch.no_grad():
+        xs = torch.cat(batches)
+        e_white = float((out(xs) - model(xs)).square().sum())
+        e_plain = float((plain(xs) - model(xs)).square().sum())
+    assert e_white < 0.1 * e_plain

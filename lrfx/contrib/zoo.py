@@ -4,6 +4,7 @@
   16/32/64 channels, option-A identity shortcuts), 0.27 M weights and 40.55 M MACs at 32x32
   with 3 input channels.
 * :func:`vgg_small` — a CIFAR-style VGG (conv-BN-ReLU blocks, max-pools, one linear classifier).
+* :func:`vit_tiny` — a small vision transformer (4x4 patches, 6 pre-norm blocks of width 64).
 
 Example:
     >>> import torch, lrfx
@@ -19,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BasicBlock", "ResNetCifar", "resnet20", "resnet56", "vgg_small"]
+__all__ = ["Attention", "BasicBlock", "EncoderBlock", "ResNetCifar", "ViT", "resnet20", "resnet56",
+           "vgg_small", "vit_tiny"]
 
 
 class BasicBlock(nn.Module):
@@ -101,3 +103,73 @@ def vgg_small(
             c = v
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes)]
     return nn.Sequential(*layers)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused ``qkv`` Linear and an output ``proj`` Linear
+    (the layout of most vision transformers), on ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"Attention: dim={dim} is not a multiple of heads={heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(
+            2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))`` (GELU)."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, mlp_dim)
+        self.fc2 = nn.Linear(mlp_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class ViT(nn.Module):
+    """A small vision transformer: non-overlapping patches embedded by a strided conv, a class
+    token, learned position embeddings, pre-norm encoder blocks, a linear head on the class
+    token. :meth:`embed` returns the final (normalized) class-token embedding."""
+
+    def __init__(self, image_size: int = 28, patch_size: int = 4, in_channels: int = 1,
+                 dim: int = 64, depth: int = 6, heads: int = 4, mlp_dim: int = 128,
+                 num_classes: int = 10) -> None:
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"ViT: image_size={image_size} is not a multiple of "
+                             f"patch_size={patch_size}")
+        tokens = (image_size // patch_size) ** 2 + 1
+        self.patch = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+        self.blocks = nn.Sequential(*[EncoderBlock(dim, heads, mlp_dim) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        return self.norm(self.blocks(x))[:, 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
+
+
+def vit_tiny(in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> ViT:
+    """A 6-block ViT of width 64 on 4x4 patches (0.21 M weights; 28x28 inputs by default)."""
+    return ViT(image_size, 4, in_channels, 64, 6, 4, 128, num_classes)

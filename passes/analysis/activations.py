@@ -10,6 +10,10 @@ of batches):
 * Conv2d, spatial scheme: the vertical ``kh x 1`` patches (``d = C * kh``), the input side of
   the spatial factorization (an approximation that ignores correlations across the width taps).
 
+Conv Grams are computed from the shift structure of the patches
+(:func:`~lrfx.passes.analysis.grams.patch_gram`: one correlation per tap offset, exact border
+corrections), never by materializing im2col; the vertical Gram is a by-product of the channel one.
+
 :func:`~lrfx.passes.analysis.spectra.compute_spectra`, run after this pass, then gives the
 data-aware spectra directly: per layer, the singular values of ``W S`` where
 ``S S^T = X X^T / n + damping``, each dropped value being the output error it causes (SVD-LLM).
@@ -18,8 +22,9 @@ data-aware spectra directly: per layer, the singular values of ``W S`` where
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from collections.abc import Callable, Iterable, Mapping, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from lrfx.cost import ConvGeometry, LinearGeometry
 from lrfx.decompositions import DAMPING, svdvals, unfold, whitening_factor
 from lrfx.errors import LrfxError, ShapeError
 from lrfx.facts import (
@@ -40,6 +46,7 @@ from lrfx.facts import (
 )
 from lrfx.inputs import Inputs
 from lrfx.layers import is_linear, linear_like
+from lrfx.passes.analysis.grams import patch_gram
 from lrfx.passes.analysis.spectra import layer_unfoldings
 from lrfx.pipeline import PassContext, graph_pass
 from lrfx.progress import progress_bar
@@ -113,6 +120,9 @@ def _patches(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
+#: Input bytes per conv-statistics call (the products copy their input a few times).
+CHUNK_BYTES = 32 << 20
+
 #: Rows per Gram block: each block's ``X^T X`` is a float32 product (fast BLAS), the blocks are
 #: summed in float64, so the rounding of one block is that of a 16k-term float32 sum (~1e-5
 #: relative) whatever the number of calibration samples.
@@ -137,16 +147,18 @@ def _accumulate(stats: InputStats, key: str, rows: torch.Tensor, groups: int = 1
         stats.grams[key] = gram
 
 
-def _conv_rows(padded: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
-               dilation: tuple[int, int]) -> Iterator[torch.Tensor]:
-    """im2col rows of ``padded`` a few samples at a time (about :data:`BLOCK_ROWS` rows per
-    piece): the patches of a whole batch are never held at once."""
-    n, _, h, w = padded.shape
-    out_h = (h - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
-    out_w = (w - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
-    per = max(1, BLOCK_ROWS // max(1, out_h * out_w))
-    for start in range(0, n, per):
-        yield _patches(padded[start:start + per], kernel, stride, dilation)
+def _add(stats: InputStats, key: str, gram: torch.Tensor) -> None:
+    if key in stats.grams:
+        stats.grams[key] += gram
+    else:
+        stats.grams[key] = gram
+
+
+def _out_positions(padded: torch.Tensor, k: tuple[int, int], s: tuple[int, int],
+                   d: tuple[int, int]) -> int:
+    h, w = padded.shape[-2:]
+    return max(0, (h - d[0] * (k[0] - 1) - 1) // s[0] + 1) * max(
+        0, (w - d[1] * (k[1] - 1) - 1) // s[1] + 1)
 
 
 def _hook(layer: LayerFacts, stats: InputStats, max_dim: int, skipped: set[str]) -> Any:
@@ -162,29 +174,44 @@ def _hook(layer: LayerFacts, stats: InputStats, max_dim: int, skipped: set[str])
             return
         assert isinstance(m, (nn.Conv1d, nn.Conv2d))
         if isinstance(m, nn.Conv1d):
-            x = x.unsqueeze(-2)
             k, s, d = (1, m.kernel_size[0]), (1, m.stride[0]), (1, m.dilation[0])
-            padded, _ = _pad_conv_input(x.squeeze(-2), m)
-            padded = padded.unsqueeze(-2)
+            padded, flat = _pad_conv_input(x, m)
+            padded, flat = padded.unsqueeze(-2), [*flat, 0, 0]
         else:
             k, s, d = m.kernel_size, m.stride, m.dilation  # type: ignore[assignment]
-            padded, _ = _pad_conv_input(x, m)
-        if x.dim() == 3:  # unbatched conv2d input
+            padded, flat = _pad_conv_input(x, m)
+        if padded.dim() == 3:  # unbatched conv2d input
             padded = padded.unsqueeze(0)
+        padded = padded.detach()
+        if padded.dtype != torch.float64:
+            padded = padded.float()
+        # zero padding needs no border correction (an optimization; reflect etc. do)
+        zeros = (flat[2], flat[3], flat[0], flat[1]) if m.padding_mode == "zeros" else (0,) * 4
         c = padded.shape[1]
-        if "channel" in units and not _too_wide(layer, "channel", c // m.groups * k[0] * k[1],
-                                                max_dim, skipped):
-            for p in _conv_rows(padded, k, s, d):
-                _accumulate(stats, "channel", p, m.groups)
-                stats.count += p.shape[0]
-            counted = True
-        else:
-            counted = False
-        if "spatial" in units and not _too_wide(layer, "spatial", c * k[0], max_dim, skipped):
-            for v in _conv_rows(padded, (k[0], 1), (s[0], 1), (d[0], 1)):
-                _accumulate(stats, "spatial", v)
-                if not counted:
-                    stats.count += v.shape[0]
+        channel = "channel" in units and not _too_wide(
+            layer, "channel", c // m.groups * k[0] * k[1], max_dim, skipped)
+        spatial = "spatial" in units and not _too_wide(layer, "spatial", c * k[0], max_dim,
+                                                       skipped)
+        # a few samples at a time: the copies the products make stay within CHUNK_BYTES
+        per = max(1, CHUNK_BYTES // max(1, padded[0].numel() * padded.element_size()))
+        for start in range(0, padded.shape[0], per):
+            piece = padded[start:start + per]
+            vertical = None
+            if channel:
+                both = spatial and m.groups == 1 and s[1] == 1
+                res = patch_gram(piece, k, s, d, m.groups, pad=zeros, vertical=both)
+                gram, vertical = res if isinstance(res, tuple) else (res, None)
+                _add(stats, "channel", gram)
+                stats.count += piece.shape[0] * _out_positions(piece, k, s, d)
+            if spatial:
+                if vertical is None:
+                    res = patch_gram(piece, (k[0], 1), (s[0], 1), (d[0], 1), pad=zeros)
+                    assert not isinstance(res, tuple)
+                    vertical = res
+                    if not channel:
+                        stats.count += piece.shape[0] * _out_positions(
+                            piece, (k[0], 1), (s[0], 1), (d[0], 1))
+                _add(stats, "spatial", vertical)
     return pre_hook
 
 
@@ -198,9 +225,101 @@ def _statable(gm: fx.GraphModule, layer: LayerFacts) -> nn.Module | None:
     return m if is_linear(m) or isinstance(m, (nn.Conv1d, nn.Conv2d)) else None
 
 
+def _feed_hook(hook: Any, standin: nn.Module, x: torch.Tensor) -> None:
+    hook(standin, (x,), {})
+
+
+def _functional(node: fx.Node, layer: LayerFacts) -> nn.Module | None:
+    """A weightless stand-in module (meta device) with the hyper-parameters of a functional
+    ``F.linear`` / ``F.conv1d`` / ``F.conv2d`` layer, so the module hooks can read its input."""
+    if node.op != "call_function" or not layer.factorable or layer.inside_leaf:
+        return None
+    g = layer.geometry
+    if isinstance(g, LinearGeometry) and node.target in (F.linear, torch._C._nn.linear):
+        return nn.Linear(g.in_features, g.out_features, bias=False, device="meta")
+    if isinstance(g, ConvGeometry) and not g.transposed and len(g.kernel) in (1, 2) and \
+            node.target in (F.conv1d, F.conv2d, torch.conv1d, torch.conv2d):
+        cls: Any = nn.Conv1d if len(g.kernel) == 1 else nn.Conv2d
+        return cls(g.in_channels, g.out_channels, g.kernel, g.stride, g.padding,
+                   g.dilation, g.groups, bias=False, padding_mode=g.padding_mode,
+                   device="meta")
+    return None
+
+
+_MHA_PARTS = ("q_proj", "k_proj", "v_proj", "out_proj")
+_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+             "average_attn_weights", "is_causal")
+
+
+def _attention_of(gm: fx.GraphModule, layer: LayerFacts) -> tuple[str, nn.Module] | None:
+    """``(name, module)`` of the ``nn.MultiheadAttention`` whose projection ``layer`` is."""
+    parent, _, part = layer.name.rpartition(".")
+    if part not in _MHA_PARTS or not parent:
+        return None
+    try:
+        m = gm.get_submodule(parent)
+    except AttributeError:
+        return None
+    return (parent, m) if isinstance(m, nn.MultiheadAttention) else None
+
+
+def _attention_hook(name: str, mha: nn.Module, stats: dict[str, InputStats], max_dim: int,
+                    skipped: set[str]) -> Any:
+    """Statistics of the four projections of an ``nn.MultiheadAttention``: its packed
+    projections and its out projection are applied inside one functional call, so the hook
+    replays the call through a :class:`~lrfx.modules.LowRankMultiheadAttention` holding the
+    same weights (same results) whose projections are plain Linear modules with hooks. The
+    replay costs one more attention forward per calibration batch."""
+    from lrfx.modules import LowRankMultiheadAttention
+
+    assert isinstance(mha, nn.MultiheadAttention)
+    with torch.no_grad():
+        replica = LowRankMultiheadAttention.replacing(mha, {}, name).eval()
+    for part in _MHA_PARTS:
+        key = f"{name}.{part}"
+        stats[key] = InputStats({})
+
+        def rows(m: nn.Module, args: tuple[Any, ...], key: str = key) -> None:
+            x = args[0]
+            if _too_wide_name(key, x.shape[-1], max_dim, skipped):
+                return
+            flat = x.reshape(-1, x.shape[-1])
+            _accumulate(stats[key], "rows", flat)
+            stats[key].count += flat.shape[0]
+        replica.get_submodule(part).register_forward_pre_hook(rows)
+
+    def pre_hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        call = dict(zip(_MHA_ARGS, args, strict=False))
+        call.update(kwargs)
+        call["need_weights"] = False  # the projections' inputs do not depend on it
+        with torch.no_grad():
+            replica(**call)
+    return pre_hook
+
+
+def _too_wide_name(key: str, dim: int, limit: int, skipped: set[str]) -> bool:
+    if dim <= limit:
+        return False
+    if key not in skipped:
+        skipped.add(key)
+        log.info("%s: input side has %d columns (> %d): no calibration statistics, plain "
+                 "spectrum", key, dim, limit)
+    return True
+
+
 class _Checked(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule,
+                 watch: Mapping[str, Callable[[torch.Tensor], None]] | None = None) -> None:
+        super().__init__(gm)
+        self.watch = watch or {}
+
     def run_node(self, n: fx.Node) -> Any:
         try:
+            seen = self.watch.get(n.name)
+            if seen is not None:  # a functional layer: hand its input to the statistics
+                args, _ = self.fetch_args_kwargs_from_env(n)
+                if args and isinstance(args[0], torch.Tensor):
+                    seen(args[0])
             return super().run_node(n)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -215,10 +334,12 @@ def _weight_of(gm: fx.GraphModule, name: str) -> torch.Tensor:
     return w
 
 
-def run_checked(gm: fx.GraphModule, *args: Any) -> Any:
-    """Run the graph; a failure raises :class:`ShapeError` naming the node (not torch's text)."""
+def run_checked(gm: fx.GraphModule, *args: Any,
+                watch: Mapping[str, Callable[[torch.Tensor], None]] | None = None) -> Any:
+    """Run the graph; a failure raises :class:`ShapeError` naming the node (not torch's text).
+    ``watch``: per node name, a callback given the node's first input before it runs."""
     try:
-        return _Checked(gm).run(*args)
+        return _Checked(gm, watch).run(*args)
     except ShapeError as exc:
         raise ShapeError(exc.node, exc.target, exc.reason) from exc.__cause__
 
@@ -241,11 +362,25 @@ def collect_input_stats(gm: fx.GraphModule, ctx: PassContext) -> Mapping[str, In
                         "PassContext(options=[CalibrationOptions(calibration=...)])")
     stats: dict[str, InputStats] = {}
     handles = []
+    watch: dict[str, Callable[[torch.Tensor], None]] = {}  # functional layers, by node
     seen: set[str] = set()
     skipped: set[str] = set()
     for node in gm.graph.nodes:
         facts = get_node_facts(node)
         for layer in facts.layers if facts else ():
+            mha = _attention_of(gm, layer)
+            if mha is not None and layer.factorable and mha[0] not in seen:
+                seen.add(mha[0])
+                handles.append(mha[1].register_forward_pre_hook(
+                    _attention_hook(mha[0], mha[1], stats, options.max_dim, skipped),
+                    with_kwargs=True))
+            standin = _functional(node, layer)
+            if standin is not None and layer.name not in seen:
+                seen.add(layer.name)
+                stats[layer.name] = InputStats({})
+                hook = _hook(layer, stats[layer.name], options.max_dim, skipped)
+                watch[node.name] = functools.partial(_feed_hook, hook, standin)
+                continue
             m = _statable(gm, layer)
             if m is None or layer.name in seen:
                 continue
@@ -267,7 +402,7 @@ def collect_input_stats(gm: fx.GraphModule, ctx: PassContext) -> Mapping[str, In
                         run(batch)
                     else:
                         inputs = Inputs.of(batch, f"calibration batch {k}")
-                        run_checked(gm, *spec.feed(inputs))
+                        run_checked(gm, *spec.feed(inputs), watch=watch)
                 except ShapeError as exc:  # names the node; say which batch
                     raise ShapeError(exc.node, exc.target, exc.reason,
                                      inputs=f"calibration batch {k}") from exc

@@ -29,6 +29,7 @@ from lrfx.decompositions import (
     decompose_many,
     get_unfolding,
     is_finite,
+    tucker2_input_spectrum,
     whitening_factor,
 )
 from lrfx.facts import (
@@ -247,6 +248,22 @@ def compute_spectra(gm: fx.GraphModule, ctx: PassContext) -> int:
                 advance()
     for k1, kc in shared.items():
         results[k1] = results[kc].transposed()
+
+    # Tucker-2 with a whitened channel side: its input side as an output-error spectrum too
+    for _, entries in plan:
+        for e in entries:
+            if not isinstance(e, tuple):
+                continue
+            layer, keys = e
+            k1, kc = keys.get("mode1"), keys.get("channel")
+            if k1 is None or kc is None or not results[kc].whitened:
+                continue
+            key = (*k1[:4], layer.name)
+            if key not in results:
+                w, s = layer_weight(gm, layer), results[kc].whiten
+                assert w is not None and s is not None
+                results[key] = tucker2_input_spectrum(w.detach(), s)
+            keys["mode1"] = key
 
     for node, entries in plan:
         layers = []

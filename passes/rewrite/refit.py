@@ -50,6 +50,7 @@ from lrfx.inputs import Inputs
 from lrfx.layers import is_linear
 from lrfx.modules import Factored, build_factored
 from lrfx.passes.analysis.activations import BLOCK_ROWS, _pad_conv_input, _patches
+from lrfx.passes.analysis.grams import patch_gram, patch_sums
 from lrfx.passes.analysis.replay import (
     Replay,
     lowrank_overrides,
@@ -138,6 +139,30 @@ class _Moments:
         self.sb = sb if self.sb is None else self.sb.add_(sb)
         self.n += a.shape[0]
 
+    def add_conv(self, m: nn.Module, x: torch.Tensor, xt: torch.Tensor) -> None:
+        """:meth:`add` of the im2col patches of a conv's inputs ``x`` (``a``) and ``xt``
+        (``b``), from their shift structure (:func:`patch_gram`): no patches are built."""
+        assert isinstance(m, (nn.Conv1d, nn.Conv2d))
+        k, s, d = _conv_dims(m)
+        xp, flat = _pad_conv_input(x.detach(), m)
+        xtp, _ = _pad_conv_input(xt.detach(), m)
+        if isinstance(m, nn.Conv1d):
+            xp, xtp, flat = xp.unsqueeze(-2), xtp.unsqueeze(-2), [*flat, 0, 0]
+        work = torch.float64 if torch.float64 in (x.dtype, xt.dtype) else torch.float32
+        xp, xtp = xp.to(work), xtp.to(work)
+        zeros = (flat[2], flat[3], flat[0], flat[1]) if m.padding_mode == "zeros" else (0,) * 4
+        ab = patch_gram(xp, k, s, d, m.groups, y=xtp, pad=zeros)
+        bb = patch_gram(xtp, k, s, d, m.groups, pad=zeros)
+        assert isinstance(ab, torch.Tensor) and isinstance(bb, torch.Tensor)
+        sa, sb = patch_sums(xp, k, s, d, m.groups), patch_sums(xtp, k, s, d, m.groups)
+        self.ab = ab if self.ab is None else self.ab.add_(ab)
+        self.bb = bb if self.bb is None else self.bb.add_(bb)
+        self.sa = sa if self.sa is None else self.sa.add_(sa)
+        self.sb = sb if self.sb is None else self.sb.add_(sb)
+        h, w = xp.shape[-2:]
+        self.n += xp.shape[0] * ((h - d[0] * (k[0] - 1) - 1) // s[0] + 1) * (
+            (w - d[1] * (k[1] - 1) - 1) // s[1] + 1)
+
     def moments(self, centered: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                 torch.Tensor]:
         """``(E[a b^T], E[b b^T], E[a], E[b])``, centered when asked, on the CPU."""
@@ -218,6 +243,9 @@ def _fit_joint(m: _Layer, lp: LayerPlan, xs: Sequence[torch.Tensor],
     mom = _Moments()
     for x, xt in zip(xs, xts, strict=True):
         x, xt = _batched(x, m), _batched(xt, m)
+        if not is_linear(m):
+            mom.add_conv(m, x, xt)
+            continue
         for a, b in _chunks(x.shape[0], _positions(x, m)):
             mom.add(_rows(x, m, a, b), _rows(xt, m, a, b), groups)
     has_bias = m.bias is not None
