@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/train_fmnist.py --epochs 10 --models vit_tiny   # the checkpoint
     .venv/bin/python bench/posttrain_vit.py [--budgets 0.7,0.5] [--calibration 1024]
+        [--attention fused,mha]
 
 The committed Fashion-MNIST ViT (``bench/checkpoints/vit_tiny_fmnist.pt``: 4x4 patches, 6
 pre-norm blocks of width 64, fused ``qkv`` + ``proj`` Linear attention, GELU MLP of 128; 0.21 M
@@ -17,6 +18,11 @@ embedding (the head's input), mean and 5th percentile over the test set. Methods
   (``sequential=False``);
 * ``sequential``: the default — each layer fitted to the compressed prefix's inputs;
 * ``seq+measured`` / ``seq+fisher``: sequential with loss-aware allocation (``sensitivity=``).
+
+The same weights run twice: with the fused ``qkv`` / ``proj`` Linear layers (``fused``), and as
+the identical model on ``nn.MultiheadAttention`` (``mha``: packed ``in_proj_weight``, q/k/v
+factored separately; its projections get statistics from a replayed call, but the sequential
+walk cannot refit inside the attention module).
 
 Writes ``bench/results/posttrain_vit.json`` (after every run) and ``.png``.
 """
@@ -38,7 +44,7 @@ import lrfx
 from lrfx.contrib.data import load_fashion_mnist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_fmnist import build
+from lrfx.contrib.zoo import fused_to_mha, vit_tiny
 
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "results" / "posttrain_vit.json"
@@ -75,20 +81,24 @@ def plot(results: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method in METHODS:
-        runs = sorted((r for r in results["runs"] if r["method"] == method),
-                      key=lambda r: r["macs_fraction"])
-        if runs:
-            xs = [r["macs_fraction"] for r in runs]
-            axes[0].plot(xs, [r["acc"] for r in runs], marker="o", label=method)
-            axes[1].plot(xs, [r["cosine_mean"] for r in runs], marker="o", label=method)
+    for variant, style in zip(results["variants"], ("-", ":"), strict=False):
+        res = results["variants"][variant]
+        for color, method in enumerate(METHODS):
+            runs = sorted((r for r in res["runs"] if r["method"] == method),
+                          key=lambda r: r["macs_fraction"])
+            if runs:
+                xs = [r["macs_fraction"] for r in runs]
+                kw = {"marker": "o", "ls": style, "color": f"C{color}",
+                      "label": f"{method} ({variant})"}
+                axes[0].plot(xs, [r["acc"] for r in runs], **kw)
+                axes[1].plot(xs, [r["cosine_mean"] for r in runs], **kw)
     axes[0].axhline(results["dense_acc"], color="k", ls="--", lw=1, label="dense")
     axes[0].set_ylabel("test accuracy (%), 10k images")
     axes[1].set_ylabel("cosine(original, compressed) embedding, mean")
     for ax in axes:
         ax.set_xlabel("MACs kept (fraction of the whole model)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=6)
     fig.suptitle("ViT (0.21 M weights) on Fashion-MNIST, no fine-tuning (lc, auto)")
     fig.tight_layout()
     fig.savefig(OUT.with_suffix(".png"), dpi=110)
@@ -100,44 +110,49 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--calibration", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--attention", default="fused,mha")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     xtr, _ = load_fashion_mnist("train")
     xte, yte = load_fashion_mnist("test")
     idx = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(0))[:args.calibration]
     cal = [xtr[idx[i:i + 128]] for i in range(0, args.calibration, 128)]
-    model = build("vit_tiny")
-    model.load_state_dict(torch.load(ROOT / "checkpoints" / "vit_tiny_fmnist.pt",
-                                     weights_only=True))
-    model.eval()
-    dense_acc, dense_emb = evaluate(model, xte, yte)
+    state = torch.load(ROOT / "checkpoints" / "vit_tiny_fmnist.pt", weights_only=True)
     results: dict = {"machine": f"{platform.machine()}, {args.threads} threads",
                      "torch": torch.__version__, "calibration_images": args.calibration,
                      "test_images": len(xte), "allocator": "lc", "scheme": "auto",
-                     "dense_acc": dense_acc, "dense_macs": lrfx.count_macs(model, xte[:1]),
-                     "load_average": list(os.getloadavg()), "runs": []}
-    print(f"vit_tiny: dense {dense_acc:.2f}", flush=True)
-    for budget in (float(b) for b in args.budgets.split(",")):
-        for method in args.methods.split(","):
-            t0 = time.perf_counter()
-            if method == "plain":
-                gm = lrfx.compress(model, xte[:1], macs=budget)
-            else:
-                gm = lrfx.compress(model, xte[:1], macs=budget, calibration=cal,
-                                   **METHODS[method])
-            seconds = time.perf_counter() - t0
-            acc, emb = evaluate(gm, xte, yte)
-            cos = torch.nn.functional.cosine_similarity(emb, dense_emb, dim=1)
-            report = lrfx.facts_of(gm).report
-            run = {"budget": budget, "method": method, "acc": acc,
-                   "cosine_mean": float(cos.mean()), "cosine_p05": float(cos.quantile(0.05)),
-                   "macs_fraction": report.macs_ratio, "layers_factored": len(report),
-                   "sequential": report.sequential, "seconds": round(seconds, 1)}
-            results["runs"].append(run)
-            print(f"  {budget:.1f}x {method:13s} {acc:.2f}  cos {run['cosine_mean']:.4f} "
-                  f"(p05 {run['cosine_p05']:.4f}, MACs {run['macs_fraction']:.3f}, "
-                  f"{len(report)} layers, {seconds:.0f} s)", flush=True)
-            OUT.write_text(json.dumps(results, indent=1) + "\n")
+                     "load_average": list(os.getloadavg()), "variants": {}}
+    for variant in args.attention.split(","):
+        model = vit_tiny(attention=variant)
+        model.load_state_dict(state if variant == "fused" else fused_to_mha(state))
+        model.eval()
+        dense_acc, dense_emb = evaluate(model, xte, yte)
+        results["dense_acc"] = dense_acc
+        res = results["variants"][variant] = {
+            "dense_acc": dense_acc, "dense_macs": lrfx.count_macs(model, xte[:1]), "runs": []}
+        print(f"vit_tiny ({variant} attention): dense {dense_acc:.2f}", flush=True)
+        for budget in (float(b) for b in args.budgets.split(",")):
+            for method in args.methods.split(","):
+                t0 = time.perf_counter()
+                if method == "plain":
+                    gm = lrfx.compress(model, xte[:1], macs=budget)
+                else:
+                    gm = lrfx.compress(model, xte[:1], macs=budget, calibration=cal,
+                                       **METHODS[method])
+                seconds = time.perf_counter() - t0
+                acc, emb = evaluate(gm, xte, yte)
+                cos = torch.nn.functional.cosine_similarity(emb, dense_emb, dim=1)
+                report = lrfx.facts_of(gm).report
+                run = {"budget": budget, "method": method, "acc": acc,
+                       "cosine_mean": float(cos.mean()),
+                       "cosine_p05": float(cos.quantile(0.05)),
+                       "macs_fraction": report.macs_ratio, "layers_factored": len(report),
+                       "sequential": report.sequential, "seconds": round(seconds, 1)}
+                res["runs"].append(run)
+                print(f"  {budget:.1f}x {method:13s} {acc:.2f}  cos {run['cosine_mean']:.4f} "
+                      f"(p05 {run['cosine_p05']:.4f}, MACs {run['macs_fraction']:.3f}, "
+                      f"{len(report)} layers, {seconds:.0f} s)", flush=True)
+                OUT.write_text(json.dumps(results, indent=1) + "\n")
     plot(results)
 
 

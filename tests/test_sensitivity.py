@@ -136,3 +136,33 @@ def test_fisher_needs_logits() -> None:
     with pytest.raises(LrfxError, match="use sensitivity='output'"):
         layer_sensitivity(gm, PassContext(options=[SensitivityOptions(_batches(),
                                                                       kind="fisher")]))
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 32))
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.head = nn.Linear(32, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.head(a + h)
+
+
+def test_measured_slopes_reach_attention_projections() -> None:
+    """Truncating an nn.MultiheadAttention projection is measured on a copy of the attention
+    module (its packed / functional weights have no module of their own): every projection
+    gets a measured weight, none is crushed to the 1e-6 floor of an unmeasured 0 slope."""
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    batches = [torch.randn(8, 10, 16) for _ in range(2)]
+    gm = lrfx.compress(model, batches[0][:1], macs=0.5, calibration=batches,
+                       sensitivity="measured")
+    weights = gm.meta["lrfx"].extra["plan"].settings["sensitivity_weights"]
+    for part in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        assert weights[f"attn.{part}"] > 1e-3, (part, weights)  # measured, not floored
+    assert weights["attn.out_proj"] > 0.05 and weights["attn.v_proj"] > 0.05  # linear paths
+    rows = {r["layer"]: r for r in gm.meta["lrfx"].extra["report"].layers}
+    assert rows["attn.out_proj"]["rank"] > 1

@@ -285,6 +285,33 @@ def test_layers_the_walk_cannot_run_keep_their_factors_and_still_shape_the_prefi
     assert rows["head"]["output_error"] == pytest.approx(err, rel=1e-6)
 
 
+class _WithAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.head = nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, _ = self.attn(x, x, x, need_weights=False)
+        return self.head(a)
+
+
+def test_attention_projections_shape_the_prefix() -> None:
+    """The walk cannot refit inside nn.MultiheadAttention, but the prefix the layers after it
+    are fitted to has the attention's low-rank projections: the measured error of the last
+    layer is the finished model's."""
+    torch.manual_seed(0)
+    model = _WithAttention().eval()
+    x = torch.randn(64, 6, 32) @ torch.diag(torch.logspace(0, -1.5, 32))
+    gm = lrfx.compress(model, x[:1], macs=0.5, calibration=[x[:32], x[32:]], sequential=True)
+    rows = {r["layer"]: r for r in lrfx.facts_of(gm).report}
+    assert rows["head"]["fit"] == "joint" and rows["attn.out_proj"]["fit"].startswith("spectra")
+    with torch.no_grad():
+        ref, got = model(x), gm(x)
+    err = float((ref - got).pow(2).sum() / ref.pow(2).sum())
+    assert rows["head"]["output_error"] == pytest.approx(err, rel=1e-5)
+
+
 # --- settings and refusals --------------------------------------------------------------------
 
 

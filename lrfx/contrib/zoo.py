@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Attention", "BasicBlock", "EncoderBlock", "ResNetCifar", "ViT", "resnet20", "resnet56",
-           "vgg_small", "vit_tiny"]
+__all__ = ["Attention", "BasicBlock", "EncoderBlock", "MHAttention", "ResNetCifar", "ViT",
+           "fused_to_mha", "resnet20", "resnet56", "vgg_small", "vit_tiny"]
 
 
 class BasicBlock(nn.Module):
@@ -125,13 +125,30 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
-class EncoderBlock(nn.Module):
-    """Pre-norm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))`` (GELU)."""
+class MHAttention(nn.Module):
+    """The same self-attention on ``nn.MultiheadAttention`` (``mha.in_proj_weight`` holds what
+    :class:`Attention`'s ``qkv.weight`` holds, ``mha.out_proj`` its ``proj``)."""
 
-    def __init__(self, dim: int, heads: int, mlp_dim: int) -> None:
+    def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
+        self.mha = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))`` (GELU);
+    ``attention="mha"`` uses :class:`MHAttention` instead of :class:`Attention`."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, attention: str = "fused") -> None:
+        super().__init__()
+        if attention not in ("fused", "mha"):
+            raise ValueError(f"EncoderBlock: attention must be 'fused' or 'mha', got "
+                             f"{attention!r}")
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
+        self.attn: nn.Module = Attention(dim, heads) if attention == "fused" else \
+            MHAttention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, mlp_dim)
         self.fc2 = nn.Linear(mlp_dim, dim)
@@ -148,7 +165,7 @@ class ViT(nn.Module):
 
     def __init__(self, image_size: int = 28, patch_size: int = 4, in_channels: int = 1,
                  dim: int = 64, depth: int = 6, heads: int = 4, mlp_dim: int = 128,
-                 num_classes: int = 10) -> None:
+                 num_classes: int = 10, attention: str = "fused") -> None:
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"ViT: image_size={image_size} is not a multiple of "
@@ -157,7 +174,8 @@ class ViT(nn.Module):
         self.patch = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
-        self.blocks = nn.Sequential(*[EncoderBlock(dim, heads, mlp_dim) for _ in range(depth)])
+        self.blocks = nn.Sequential(*[EncoderBlock(dim, heads, mlp_dim, attention)
+                                      for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
@@ -170,6 +188,18 @@ class ViT(nn.Module):
         return self.head(self.embed(x))
 
 
-def vit_tiny(in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> ViT:
+def vit_tiny(in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
+             attention: str = "fused") -> ViT:
     """A 6-block ViT of width 64 on 4x4 patches (0.21 M weights; 28x28 inputs by default)."""
-    return ViT(image_size, 4, in_channels, 64, 6, 4, 128, num_classes)
+    return ViT(image_size, 4, in_channels, 64, 6, 4, 128, num_classes, attention)
+
+
+def fused_to_mha(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A fused-attention :class:`ViT` state dict for the same model with ``attention="mha"``."""
+    out = {}
+    for k, v in state.items():
+        k = k.replace(".attn.qkv.weight", ".attn.mha.in_proj_weight")
+        k = k.replace(".attn.qkv.bias", ".attn.mha.in_proj_bias")
+        k = k.replace(".attn.proj.", ".attn.mha.out_proj.")
+        out[k] = v
+    return out

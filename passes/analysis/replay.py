@@ -97,8 +97,12 @@ def lowrank_overrides(gm: fx.GraphModule, found: Mapping[str, list[tuple[fx.Node
     for name in names:
         node, layer = found[name][0]
         lp = plan.factored[name]
+        if node.op == "call_module" and layer.inside_leaf is None and isinstance(
+                gm.get_submodule(str(node.target)), nn.MultiheadAttention):
+            _attention_lowrank(gm, modules, str(node.target), layer, lp)
+            continue
         if layer.weight_effective or layer.weight_rows is not None or layer.weight is None:
-            continue  # the prefix keeps this layer dense (rare: attention packs, transforms)
+            continue  # the prefix keeps this layer dense (rare: packed weights, transforms)
         if layer.inside_leaf is not None:
             leaf = modules.get(layer.inside_leaf)
             if leaf is None:
@@ -114,6 +118,26 @@ def lowrank_overrides(gm: fx.GraphModule, found: Mapping[str, list[tuple[fx.Node
             modules[layer.name] = _make_lowrank(copy.deepcopy(gm.get_submodule(layer.name)),
                                                 layer, lp)
     return modules, attrs
+
+
+def _attention_lowrank(gm: fx.GraphModule, modules: dict[str, nn.Module], target: str,
+                       layer: LayerFacts, lp: LayerPlan) -> None:
+    """Make one projection of the ``nn.MultiheadAttention`` ``target`` low-rank in a copy of it
+    (one copy per attention module, shared by its projections)."""
+    mha = modules.get(target)
+    if mha is None:
+        mha = modules[target] = copy.deepcopy(gm.get_submodule(target))
+    assert isinstance(mha, nn.MultiheadAttention)
+    part = layer.name.rpartition(".")[2]
+    if part == "out_proj":
+        _make_lowrank(mha.out_proj, layer, lp)
+        return
+    w = mha.in_proj_weight if layer.weight_rows is not None else getattr(mha, f"{part}_weight")
+    assert isinstance(w, torch.Tensor)
+    rows = layer.weight_rows or (0, w.shape[0])
+    with torch.no_grad():
+        piece = w[rows[0]:rows[1]]
+        piece.copy_(lowrank_weight(layer, lp, piece.detach().clone()))
 
 
 def _make_lowrank(module: nn.Module, layer: LayerFacts, lp: LayerPlan) -> nn.Module:

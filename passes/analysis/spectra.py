@@ -192,6 +192,10 @@ def compute_spectra(gm: fx.GraphModule, ctx: PassContext) -> int:
             st = stats.get(layer.name)
             keys: dict[str, tuple[Any, ...]] = {}
             for u in layer_unfoldings(layer):
+                if u == "mode1" and groups == 1 and st is not None and "channel" in st.grams:
+                    # Tucker-2's input side comes from the channel statistics (below)
+                    keys[u] = (wkey, layer.weight_rows, u, groups, layer.name)
+                    continue
                 gram = st.grams.get(u) if st is not None else None
                 whitened = gram is not None
                 key = (wkey, layer.weight_rows, u, groups, layer.name if whitened else None)
@@ -258,7 +262,7 @@ def compute_spectra(gm: fx.GraphModule, ctx: PassContext) -> int:
             k1, kc = keys.get("mode1"), keys.get("channel")
             if k1 is None or kc is None or not results[kc].whitened:
                 continue
-            key = (*k1[:4], layer.name)
+            key = k1
             if key not in results:
                 w, s = layer_weight(gm, layer), results[kc].whiten
                 assert w is not None and s is not None
