@@ -87,3 +87,19 @@ def test_depthwise_reflect_padding_and_degenerate_inputs() -> None:
         patch_gram(torch.randn(2, 3, 5, 5), (3, 3), y=torch.randn(2, 3, 5, 6))
     with pytest.raises(ValueError, match="vertical"):
         patch_gram(torch.randn(2, 4, 5, 5), (3, 3), groups=2, vertical=True)
+
+
+def test_long_kernels_go_through_im2col(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many taps (a 1-D kernel of 64, say): the im2col path, same results, also cross and
+    vertical; and the shift path agrees with it when forced past MAX_TAPS."""
+    torch.manual_seed(0)
+    x = F.pad(torch.randn(3, 2, 1, 80), (3, 3, 0, 0))
+    y = F.pad(torch.randn(3, 2, 1, 80), (3, 3, 0, 0))
+    k = (1, 64)
+    got = patch_gram(x, k, (1, 4), groups=2)
+    assert _rel(got, _reference(x, k, (1, 4), (1, 1), 2)) < 1e-5
+    cross, vert = patch_gram(x, k, (1, 1), y=y, vertical=True)
+    assert _rel(cross, _reference(x, k, (1, 1), (1, 1), 1, y)) < 1e-5
+    assert _rel(vert, _reference(x, (1, 1), (1, 1), (1, 1), 1, y)) < 1e-5
+    monkeypatch.setattr(grams, "MAX_TAPS", 10_000)
+    assert _rel(patch_gram(x, k, (1, 4), groups=2), got) < 1e-5

@@ -32,6 +32,10 @@ __all__ = ["BLOCK", "patch_gram", "patch_sums"]
 #: Positions (samples x rows x columns) per float32 product; the chunks are summed in float64.
 BLOCK = 1 << 15
 
+#: Kernels with more taps than this (long 1-D kernels: 64, 512...) go through im2col: the
+#: offsets' border bookkeeping grows with the square of the taps, the im2col Gram does not.
+MAX_TAPS = 49
+
 _Phase = tuple[int, int]
 
 
@@ -136,6 +140,27 @@ def _point_products(a: torch.Tensor, b: torch.Tensor, r: int, col: int,
     return dict(zip(kept, prod, strict=True))
 
 
+def _im2col_gram(x: torch.Tensor, y: torch.Tensor | None, kernel: tuple[int, int],
+                 stride: tuple[int, int], dilation: tuple[int, int], groups: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """The patch Gram from im2col rows, a few samples (about :data:`BLOCK` rows) at a time."""
+    _, _, h, w = x.shape
+    per = max(1, BLOCK // max(1, _out_size(h, kernel[0], stride[0], dilation[0])
+                              * _out_size(w, kernel[1], stride[1], dilation[1])))
+    out = None
+    for start in range(0, x.shape[0], per):
+        rows = []
+        for t in (x, x if y is None else y):
+            cols = F.unfold(t[start:start + per].to(dtype), kernel, dilation=dilation,
+                            stride=stride)
+            r = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+            rows.append(r.reshape(r.shape[0], groups, -1).transpose(0, 1))
+        part = (rows[0].transpose(1, 2) @ rows[1]).to(torch.float64)
+        out = part if out is None else out.add_(part)
+    assert out is not None
+    return out
+
+
 class _Parts:
     """Border products, each stored once, by key."""
 
@@ -197,6 +222,12 @@ def patch_gram(
     vert = torch.zeros(1, c * kernel[0], c * kernel[0], dtype=torch.float64, device=x.device)
     if ho <= 0 or wo <= 0 or b == 0:
         return (out, vert) if vertical else out
+    if kk > MAX_TAPS:
+        full = _im2col_gram(x, y, kernel, stride, dilation, groups, dtype)
+        if not vertical:
+            return full
+        return full, _im2col_gram(x, y, (kernel[0], 1), (stride[0], 1), (dilation[0], 1), 1,
+                                  dtype)
     taps = _taps(kernel, stride, dilation)
     xs = _Phases(x, stride, dtype)
     ys = xs if y is None else _Phases(y, stride, dtype)
