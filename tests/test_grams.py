@@ -103,3 +103,20 @@ def test_long_kernels_go_through_im2col(monkeypatch: pytest.MonkeyPatch) -> None
     assert _rel(vert, _reference(x, (1, 1), (1, 1), (1, 1), 1, y)) < 1e-5
     monkeypatch.setattr(grams, "MAX_TAPS", 10_000)
     assert _rel(patch_gram(x, k, (1, 4), groups=2), got) < 1e-5
+
+
+def test_pairs_assembled_in_slices_give_the_same_gram(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PAIR_BYTES bounds the float64 blocks assembled at once; one pair at a time (the
+    smallest slice) gives the same Gram, cross Gram and vertical Gram."""
+    torch.manual_seed(1)
+    x = F.pad(torch.randn(2, 4, 9, 8), (1, 1, 1, 1))
+    y = F.pad(torch.randn(2, 4, 9, 8), (1, 1, 1, 1))
+    whole = patch_gram(x, (3, 3), (2, 1), groups=2, pad=(1, 1, 1, 1))
+    cross, vert = patch_gram(x, (3, 3), y=y, pad=(1, 1, 1, 1), vertical=True)
+    monkeypatch.setattr(grams, "PAIR_BYTES", 1)
+    sliced = patch_gram(x, (3, 3), (2, 1), groups=2, pad=(1, 1, 1, 1))
+    cross_s, vert_s = patch_gram(x, (3, 3), y=y, pad=(1, 1, 1, 1), vertical=True)
+    for a, b in ((sliced, whole), (cross_s, cross), (vert_s, vert)):
+        assert _rel(a, b) < 1e-12
+    assert _rel(sliced, _reference(x, (3, 3), (2, 1), (1, 1), 2)) < 1e-5
+    assert _rel(vert_s, _reference(x, (3, 1), (1, 1), (1, 1), 1, y)) < 1e-5

@@ -14,6 +14,13 @@ Conv Grams are computed from the shift structure of the patches
 (:func:`~lrfx.passes.analysis.grams.patch_gram`: one correlation per tap offset, exact border
 corrections), never by materializing im2col; the vertical Gram is a by-product of the channel one.
 
+Memory: the statistics themselves, ``8 * d^2`` bytes per layer and unfolding (951 MB of patch
+Grams over torchvision's resnet50, 162 MB for its largest conv), are kept until the
+factorization; on top of them a call holds one more Gram (the batch's, before it is added in),
+at most :data:`CHUNK_BYTES` of the layer's input (a few copies of it inside the products) and
+:data:`~lrfx.passes.analysis.grams.PAIR_BYTES` of blocks being assembled. Measured peaks are in
+``bench/README.md`` §8.
+
 :func:`~lrfx.passes.analysis.spectra.compute_spectra`, run after this pass, then gives the
 data-aware spectra directly: per layer, the singular values of ``W S`` where
 ``S S^T = X X^T / n + damping``, each dropped value being the output error it causes (SVD-LLM).

@@ -36,6 +36,9 @@ BLOCK = 1 << 15
 #: offsets' border bookkeeping grows with the square of the taps, the im2col Gram does not.
 MAX_TAPS = 49
 
+#: Bytes of float64 blocks assembled at once (the pairs of taps go through in slices).
+PAIR_BYTES = 1 << 24
+
 _Phase = tuple[int, int]
 
 
@@ -175,6 +178,38 @@ class _Parts:
         return self.index[key]
 
 
+def _write_pairs(plan: list[tuple[Any, ...]], signs: torch.Tensor, vsigns: torch.Tensor,
+                 core: torch.Tensor, stacked: torch.Tensor | None, origin: tuple[int, int],
+                 blocks: torch.Tensor, vblocks: torch.Tensor | None, kw: int, sym: bool) -> None:
+    """Write the blocks of some tap pairs: the core correlation at each pair's offset plus its
+    signed border parts (and, into ``vblocks``, the vertical Gram's blocks, rows only)."""
+    dev = core.device
+    n_pairs = len(plan)
+    groups, cg = blocks.shape[0], blocks.shape[1]
+    ii = torch.tensor([p[0] for p in plan], device=dev)
+    jj = torch.tensor([p[1] for p in plan], device=dev)
+    dyi = torch.tensor([p[2] - origin[0] for p in plan], device=dev)
+    dxi = torch.tensor([p[3] - origin[1] for p in plan], device=dev)
+    base = core[:, :, dyi, dxi].permute(2, 0, 1)  # (P, C, C/g)
+    vals = base if stacked is None else base + torch.einsum("pm,mcd->pcd", signs, stacked)
+    gv = vals.reshape(n_pairs, groups, cg, cg)
+    blocks[:, :, ii, :, jj] = gv
+    if sym:
+        off = ii != jj
+        blocks[:, :, jj[off], :, ii[off]] = gv[off].transpose(-1, -2)
+    if vblocks is None:
+        return
+    vert_pairs = (ii % kw == 0) & (jj % kw == 0)
+    if bool(vert_pairs.any()):
+        vv = base[vert_pairs] if stacked is None else base[vert_pairs] + torch.einsum(
+            "pm,mcd->pcd", vsigns[vert_pairs], stacked)
+        ia, ib = ii[vert_pairs] // kw, jj[vert_pairs] // kw
+        vblocks[0, :, ia, :, ib] = vv
+        if sym:
+            off = ia != ib
+            vblocks[0, :, ib[off], :, ia[off]] = vv[off].transpose(-1, -2)
+
+
 def patch_gram(
     x: torch.Tensor,
     kernel: tuple[int, int],
@@ -299,28 +334,14 @@ def patch_gram(
             signs[n, k] += sign
             if rows_only:
                 vsigns[n, k] += sign
-        ii = torch.tensor([p[0] for p in plan], device=x.device)
-        jj = torch.tensor([p[1] for p in plan], device=x.device)
-        dyi = torch.tensor([p[2] - dys[0] for p in plan], device=x.device)
-        dxi = torch.tensor([p[3] - dxs[0] for p in plan], device=x.device)
-        base = core[:, :, dyi, dxi].permute(2, 0, 1)  # (P, C, C/g)
         stacked = torch.stack(parts.items) if parts.items else None
-        vals = base if stacked is None else base + torch.einsum("pm,mcd->pcd", signs, stacked)
-        gv = vals.reshape(n_pairs, groups, cg, cg)
-        blocks[:, :, ii, :, jj] = gv
-        if sym:
-            off = ii != jj
-            blocks[:, :, jj[off], :, ii[off]] = gv[off].transpose(-1, -2)
-        if vertical:
-            vert_pairs = (ii % kernel[1] == 0) & (jj % kernel[1] == 0)
-            if bool(vert_pairs.any()):
-                vv = base[vert_pairs] if stacked is None else base[vert_pairs] + torch.einsum(
-                    "pm,mcd->pcd", vsigns[vert_pairs], stacked)
-                ia, ib = ii[vert_pairs] // kernel[1], jj[vert_pairs] // kernel[1]
-                vblocks[0, :, ia, :, ib] = vv
-                if sym:
-                    off = ia != ib
-                    vblocks[0, :, ib[off], :, ia[off]] = vv[off].transpose(-1, -2)
+        # pairs a few at a time: a (pairs, C, C/g) float64 stack of every pair's block would
+        # be as big as the Gram itself (hundreds of MB for 512-channel 3x3 convs)
+        step = max(1, PAIR_BYTES // (8 * c * cg))
+        for lo in range(0, n_pairs, step):
+            _write_pairs(plan[lo:lo + step], signs[lo:lo + step], vsigns[lo:lo + step],
+                         core, stacked, (dys[0], dxs[0]), blocks, vblocks if vertical else None,
+                         kernel[1], sym)
     return (out, vert) if vertical else out
 
 
