@@ -4,8 +4,9 @@
 
 For each model, in one process and interleaved (medians of ``--repeat``): the plain forward
 passes of the calibration batches through the traced graph, the ``collect_input_stats`` pass as
-it is (float32 Gram blocks summed in float64, patches a few samples at a time), and the pass as it
-was before (float64 im2col rows of the whole batch, one float64 Gram). Peak resident memory of
+it is (conv Grams from the shift structure of the patches, ``grams.patch_gram``), and the pass as
+it was before them (im2col patches a few samples at a time, float32 Gram blocks summed in float64,
+``grams.im2col_gram``). Peak resident memory of
 each variant is measured in a fresh subprocess. Threads: ``--threads`` (default 2).
 
 Models: the Fashion-MNIST ResNet-20 (1 channel, 8 batches of 128 real images) and torchvision
@@ -61,30 +62,11 @@ def _setup(name: str) -> tuple[Any, list[torch.Tensor], torch.Tensor]:
 def _im2col_gram(x: torch.Tensor, kernel: Any, stride: Any = (1, 1), dilation: Any = (1, 1),
                  groups: int = 1, y: Any = None, pad: Any = None, vertical: bool = False) -> Any:
     """The conv Grams as the pass computed them before the shift-structured ones: im2col
-    patches a few samples at a time, float32 Gram blocks of 16k rows summed in float64 (the
-    vertical Gram from its own patches)."""
-    import torch.nn.functional as F
+    patches a few samples at a time, float32 Gram blocks summed in float64 (the vertical Gram
+    from its own patches) — ``grams.im2col_gram``, with ``patch_gram``'s signature."""
+    from lrfx.passes.analysis.grams import im2col_gram
 
-    def gram(k: Any, s: Any, d: Any, g: int) -> torch.Tensor:
-        n, _, h, w = x.shape
-        per = max(1, (1 << 14) // max(1, ((h - d[0] * (k[0] - 1) - 1) // s[0] + 1)
-                                      * ((w - d[1] * (k[1] - 1) - 1) // s[1] + 1)))
-        out = None
-        for start in range(0, n, per):
-            cols = F.unfold(x[start:start + per], k, dilation=d, stride=s)
-            rows = cols.transpose(1, 2).reshape(-1, cols.shape[1]).float()
-            rg = rows.reshape(rows.shape[0], g, -1).transpose(0, 1)
-            for b in range(0, rg.shape[1], 1 << 14):
-                blk = rg[:, b:b + (1 << 14)]
-                part = (blk.transpose(1, 2) @ blk).double()
-                out = part if out is None else out + part
-        assert out is not None
-        return out
-
-    full = gram(kernel, stride, dilation, groups)
-    if vertical:
-        return full, gram((kernel[0], 1), (stride[0], 1), (dilation[0], 1), 1)
-    return full
+    return im2col_gram(x, kernel, stride, dilation, groups, y, vertical)
 
 
 def _variant(name: str) -> Any:

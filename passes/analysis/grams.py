@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BLOCK", "patch_gram", "patch_sums"]
+__all__ = ["BLOCK", "MAX_TAPS", "PAIR_BYTES", "im2col_gram", "patch_gram", "patch_sums"]
 
 #: Positions (samples x rows x columns) per float32 product; the chunks are summed in float64.
 BLOCK = 1 << 15
@@ -143,25 +143,45 @@ def _point_products(a: torch.Tensor, b: torch.Tensor, r: int, col: int,
     return dict(zip(kept, prod, strict=True))
 
 
-def _im2col_gram(x: torch.Tensor, y: torch.Tensor | None, kernel: tuple[int, int],
-                 stride: tuple[int, int], dilation: tuple[int, int], groups: int,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """The patch Gram from im2col rows, a few samples (about :data:`BLOCK` rows) at a time."""
-    _, _, h, w = x.shape
-    per = max(1, BLOCK // max(1, _out_size(h, kernel[0], stride[0], dilation[0])
-                              * _out_size(w, kernel[1], stride[1], dilation[1])))
-    out = None
-    for start in range(0, x.shape[0], per):
-        rows = []
-        for t in (x, x if y is None else y):
-            cols = F.unfold(t[start:start + per].to(dtype), kernel, dilation=dilation,
-                            stride=stride)
-            r = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-            rows.append(r.reshape(r.shape[0], groups, -1).transpose(0, 1))
-        part = (rows[0].transpose(1, 2) @ rows[1]).to(torch.float64)
-        out = part if out is None else out.add_(part)
-    assert out is not None
-    return out
+def im2col_gram(
+    x: torch.Tensor,
+    kernel: tuple[int, int],
+    stride: tuple[int, int] = (1, 1),
+    dilation: tuple[int, int] = (1, 1),
+    groups: int = 1,
+    y: torch.Tensor | None = None,
+    vertical: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`patch_gram` from materialized im2col rows, a few samples (about :data:`BLOCK`
+    rows) at a time: float32 products summed in float64. The path for kernels of more than
+    :data:`MAX_TAPS` taps, and the reference the shift-structured path is measured against."""
+    dtype = torch.float64 if torch.float64 in (x.dtype, x.dtype if y is None else y.dtype) \
+        else torch.float32
+
+    def rows(t: torch.Tensor, k: tuple[int, int], s: tuple[int, int], d: tuple[int, int],
+             g: int) -> torch.Tensor:
+        cols = F.unfold(t.to(dtype), k, dilation=d, stride=s)  # (B, C*kh*kw, L)
+        r = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        return r.reshape(r.shape[0], g, -1).transpose(0, 1)  # (g, B*L, C/g*kh*kw)
+
+    def gram(k: tuple[int, int], s: tuple[int, int], d: tuple[int, int], g: int) -> torch.Tensor:
+        _, c, h, w = x.shape
+        positions = max(0, _out_size(h, k[0], s[0], d[0])) * max(0, _out_size(w, k[1], s[1], d[1]))
+        out = torch.zeros(g, c // g * k[0] * k[1], c // g * k[0] * k[1], dtype=torch.float64,
+                          device=x.device)
+        if positions == 0:
+            return out
+        per = max(1, BLOCK // positions)
+        for start in range(0, x.shape[0], per):
+            a = rows(x[start:start + per], k, s, d, g)
+            b = a if y is None else rows(y[start:start + per], k, s, d, g)
+            out.add_((a.transpose(1, 2) @ b).to(torch.float64))
+        return out
+
+    full = gram(kernel, stride, dilation, groups)
+    if not vertical:
+        return full
+    return full, gram((kernel[0], 1), (stride[0], 1), (dilation[0], 1), 1)
 
 
 class _Parts:
@@ -253,16 +273,12 @@ def patch_gram(
     ho, wo = (_out_size(h, kernel[0], stride[0], dilation[0]),
               _out_size(w, kernel[1], stride[1], dilation[1]))
     cg, kk = c // groups, kernel[0] * kernel[1]
+    if kk > MAX_TAPS:
+        return im2col_gram(x, kernel, stride, dilation, groups, y, vertical)
     out = torch.zeros(groups, cg * kk, cg * kk, dtype=torch.float64, device=x.device)
     vert = torch.zeros(1, c * kernel[0], c * kernel[0], dtype=torch.float64, device=x.device)
     if ho <= 0 or wo <= 0 or b == 0:
         return (out, vert) if vertical else out
-    if kk > MAX_TAPS:
-        full = _im2col_gram(x, y, kernel, stride, dilation, groups, dtype)
-        if not vertical:
-            return full
-        return full, _im2col_gram(x, y, (kernel[0], 1), (stride[0], 1), (dilation[0], 1), 1,
-                                  dtype)
     taps = _taps(kernel, stride, dilation)
     xs = _Phases(x, stride, dtype)
     ys = xs if y is None else _Phases(y, stride, dtype)
