@@ -12,7 +12,9 @@ of batches):
 
 Conv Grams are computed from the shift structure of the patches
 (:func:`~lrfx.passes.analysis.grams.patch_gram`: one correlation per tap offset, exact border
-corrections), never by materializing im2col; the vertical Gram is a by-product of the channel one.
+corrections), not by materializing im2col (except kernels of more than
+:data:`~lrfx.passes.analysis.grams.MAX_TAPS` taps); the vertical Gram is a by-product of the
+channel one.
 
 Memory: the statistics themselves, ``8 * d^2`` bytes per layer and unfolding (951 MB of patch
 Grams over torchvision's resnet50, 162 MB for its largest conv), are kept until the
